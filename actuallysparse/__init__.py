@@ -1,0 +1,29 @@
+"""actuallysparse: PyTorch linear layers whose pruned weights are really gone.
+
+Modules:
+    layers      ``SparseLayer`` and the original package's helpers
+    converter   dense <-> COO <-> CSR conversion of layers and models
+    pruning     magnitude pruning to a target sparsity (per layer or global)
+    memory      bytes a module and its optimizer state really hold
+    optim       keeping optimizers in step with pruned parameters
+    functional  the sparse forward/backward kernel
+    bench       ``python -m actuallysparse.bench``: dense vs masked vs sparse, side by side
+"""
+from actuallysparse.converter import convert, convert_model
+from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
+from actuallysparse.memory import MemoryReport, stored_bytes
+from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "SparseLayer",
+    "convert",
+    "convert_model",
+    "prune_sparse_model",
+    "set_global_k",
+    "prune_to_sparsity",
+    "achieved_sparsity",
+    "stored_bytes",
+    "MemoryReport",
+]
