@@ -107,3 +107,31 @@ def install_step_hook() -> None:
     global _hook_handle
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_remap_before_step)
+
+
+class orphan_remapping_disabled:
+    """Context manager that switches the automatic remap off, to reproduce the thesis's bug.
+
+    Inside it, an optimizer that was not told about a pruning goes on stepping the
+    orphaned parameter while the pruned layer stops learning, exactly as the original
+    training loop did. Only for demonstrations: never train like this.
+
+    Example::
+
+        >>> with orphan_remapping_disabled():
+        ...     layer.prune_smallest_values()
+        ...     optimizer.step()          # steps the old, detached values
+    """
+
+    def __enter__(self):
+        global _hook_handle
+        self._was_installed = _hook_handle is not None
+        if self._was_installed:
+            _hook_handle.remove()
+            _hook_handle = None
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._was_installed:
+            install_step_hook()
+        return False

@@ -162,3 +162,18 @@ def test_prune_sparse_model_updates_a_given_optimizer():
     prune_sparse_model(model, torch.ones(8), optimizer=optimizer)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(model[0].values) in held and id(model[2].values) in held
+
+
+def test_disabling_the_remap_reproduces_the_thesis_bug():
+    from actuallysparse.optim import orphan_remapping_disabled
+
+    layer = convert(nn.Linear(16, 8), "coo")
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
+    _trained(layer, optimizer)
+    with orphan_remapping_disabled():
+        prune_to_sparsity(layer, 0.5)
+        kept_before = layer.values.detach().clone()
+        _trained(layer, optimizer, steps=2)
+        assert torch.equal(layer.values.detach(), kept_before), "the pruned layer is never trained"
+    _trained(layer, optimizer, steps=1)  # the hook is back: the orphan is remapped now
+    assert not torch.equal(layer.values.detach(), kept_before)
