@@ -235,9 +235,15 @@ class SparseLayer(nn.Module):
         return out.reshape(*leading, self.out_features)
 
     def train(self, mode: bool = True):
-        """Set training mode; ``train_mode`` mirrors it (kept from the original API)."""
+        """Set training mode; ``train_mode`` mirrors it (kept from the original API).
+
+        Evaluation mode drops the transposed-pattern cache that only backward needs; the
+        next backward rebuilds it.
+        """
         super().train(mode)
         self.train_mode = mode
+        if not mode:
+            self._transposed = None
         return self
 
     # ------------------------------------------------------- original API

@@ -39,6 +39,8 @@ def test_transposed_cache_is_counted_once_built():
     x = torch.randn(3, 50, requires_grad=True)
     layer(x).sum().backward()
     assert stored_bytes(layer).by_category["caches"] == 51 * 4 + 2 * layer.nnz * 4
+    layer.eval()  # inference needs no transposed pattern
+    assert stored_bytes(layer).by_category["caches"] == 0
 
 
 def test_torch_prune_counts_orig_mask_and_materialised_copy():
