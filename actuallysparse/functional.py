@@ -92,7 +92,9 @@ class SparseLinearFunction(torch.autograd.Function):
         if values.numel() == 0:
             out = x.new_zeros(x.shape[0], out_features)
             return out + bias if bias is not None else out
-        return _csr_times_rows(_csr(crow, col, values, shape), x, bias)
+        # A view made inside a custom Function may not be modified in place later (an
+        # in-place ReLU after the layer would fail), so return a tensor of its own.
+        return _csr_times_rows(_csr(crow, col, values, shape), x, bias).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102

@@ -273,3 +273,14 @@ def test_training_step_peak_memory_far_below_one_dense_weight(fmt):
     peak_increase = int(result.stdout.strip().splitlines()[-1])
     dense_weight = 4096 * 4096 * 4
     assert peak_increase < dense_weight / 4, f"step raised peak RSS by {peak_increase / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch_shape", [(5,), (2, 3)])
+def test_in_place_activation_after_the_layer_trains(sparse_pair, fmt, batch_shape):
+    dense, sparse = sparse_pair(6, 4, fmt=fmt)
+    x = torch.randn(*batch_shape, 6, requires_grad=True)
+    out = nn.ReLU(inplace=True)(sparse(x))
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.relu(dense(x)))
+    assert sparse.values.grad is not None
