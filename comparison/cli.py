@@ -1,0 +1,177 @@
+"""Command line: ``python -m comparison run|plot ...``.
+
+Each subcommand is a :class:`Command` in :data:`COMMANDS`; a new one (``reproduce``) is a
+module with ``add_arguments(parser)`` and ``main(args) -> int`` plus one entry there. The
+run options are defined once, by :func:`add_config_arguments`, so other commands can offer
+the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from comparison.config import ConfigError, RunConfig, load_config_file
+
+# (flag, field, help). Values go through RunConfig.from_mapping, which converts and validates
+# them and lists the valid choices in its errors.
+CONFIG_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--dataset", "dataset", "digits (embedded), cifar10 or cifar100"),
+    ("--data-dir", "data_dir", "folder holding cifar-10-batches-py/ or cifar-100-python/"),
+    ("--methods", "methods", "comma-separated: dense,actuallysparse,nni,torch-prune"),
+    ("--sparsities", "sparsities", "comma-separated final target sparsities in (0, 1)"),
+    ("--seeds", "seeds", "comma-separated seeds; each has its own baseline"),
+    ("--scope", "scope", "classifier (Linear layers) or all (Linear and Conv2d)"),
+    ("--width", "width", "VGG channel multiplier; 1.0 is the real VGG11_bn"),
+    ("--init", "init", "state dict for the baseline (PyTorch_CIFAR10 vgg11_bn.pt); skips pretraining"),
+    ("--pretrain-epochs", "pretrain_epochs", "dense epochs that train the baseline"),
+    ("--steps", "steps", "pruning steps from 0 to the target"),
+    ("--epochs-per-step", "epochs_per_step", "fine-tuning epochs after each pruning step"),
+    ("--schedule", "schedule", "cubic or linear per-step targets"),
+    ("--batch-size", "batch_size", "training batch size (also the large latency batch)"),
+    ("--optimizer", "optimizer", "adam or sgd"),
+    ("--lr", "lr", "learning rate"),
+    ("--limit-train", "limit_train", "use only the first N training samples"),
+    ("--limit-test", "limit_test", "use only the first N test samples"),
+    ("--device", "device", "cpu or cuda"),
+    ("--threads", "threads", "torch threads for training and timing (0: all cores)"),
+    ("--latency-repeats", "latency_repeats", "timed repetitions per latency measurement"),
+    ("--out", "out", "results directory (default: runs/<dataset>-<run id>)"),
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, how it adds its arguments, and its entry point."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    main: Callable[[argparse.Namespace], int]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add ``--config`` and the RunConfig options (all, or the flags in ``only``) to ``parser``.
+
+    Options not given on the command line stay absent from the namespace, so that a config
+    file's values are overridden only by what the user typed.
+    """
+    defaults = RunConfig()
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML or YAML file with the same keys (command-line options win)")
+    for flag, name, text in CONFIG_OPTIONS:
+        if only is not None and flag not in only:
+            continue
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
+                            help=f"{text} (default: {shown})")
+    if only is None or "--download" in only:
+        parser.add_argument("--download", dest="download", action="store_true", default=argparse.SUPPRESS,
+                            help="let torchvision download CIFAR into --data-dir if missing")
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The RunConfig of ``base`` (default: defaults), then ``--config FILE``, then explicit options.
+
+    Raises:
+        ConfigError: an invalid option or file.
+    """
+    config = base or RunConfig()
+    if getattr(args, "config", None):
+        config = load_config_file(args.config, config)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    explicit = {name: value for name, value in vars(args).items() if name in fields}
+    return RunConfig.from_mapping(explicit, config) if explicit else config
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--retry-failed", action="store_true", help="run again the cells recorded as failed")
+    parser.add_argument("--no-plots", action="store_true", help="skip drawing the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_main(args: argparse.Namespace) -> int:
+    from comparison.runner import run
+
+    config = config_from_args(args)
+    result = run(config, retry_failed=args.retry_failed, progress=not args.no_progress,
+                 make_plots=not args.no_plots)
+    return 1 if result.failed else 0
+
+
+def _add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", metavar="DIR", help="results directory of a run (or its results.csv)")
+    parser.add_argument("--out", dest="plot_dir", default=None, help="where to write the PNGs (default: DIR/plots)")
+
+
+def _plot_main(args: argparse.Namespace) -> int:
+    from comparison.plots import plot_all
+    from comparison.records import load_table
+    from comparison.summary import summary_markdown
+
+    source = Path(args.results)
+    table = load_table(source)
+    base = source if source.is_dir() else source.parent
+    plot_dir = Path(args.plot_dir) if args.plot_dir else base / "plots"
+    print(summary_markdown(table))
+    for path in plot_all(table, plot_dir):
+        print(path)
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("run", "train a baseline, prune it with every method, record and plot the results",
+            _add_run_arguments, _run_main),
+    Command("plot", "re-draw the plots (and print the summary) from a results directory",
+            _add_plot_arguments, _plot_main),
+    Command("reproduce", "rerun the thesis's experiments and write REPORT.md beside its numbers",
+            lambda parser: _reproduce().add_arguments(parser), lambda args: _reproduce().main(args)),
+]
+
+
+def _reproduce():
+    # Imported on use: matplotlib and the experiments are not needed by `run` or `plot`.
+    from comparison import reproduce
+
+    return reproduce
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m comparison`` parser with every command of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m comparison",
+        description="Compare actually-sparse pruning with NNI masks, torch.prune and dense training on VGG11_bn.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except (FileNotFoundError, ValueError) as error:
+        # Missing data, a results directory of other settings, a bad --init file: say it plainly
+        # (COMPARISON_TRACEBACK=1 shows where it came from).
+        if os.environ.get("COMPARISON_TRACEBACK"):
+            raise
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,296 @@
+"""The one description of a comparison run: a frozen dataclass, its validation, its id, its file form."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from comparison.methods import available_methods
+
+DATASETS = ("digits", "cifar10", "cifar100")
+SCOPES = ("classifier", "all")
+SCHEDULES = ("cubic", "linear")
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("cpu", "cuda")
+DEFAULT_METHODS = ("dense", "actuallysparse", "nni", "torch-prune")
+
+# The grid axes are columns of the results table; leaving them (and where things live on disk)
+# out of the run id lets a later run add seeds, sparsities or methods to an existing results dir.
+RUN_ID_EXCLUDES = ("methods", "sparsities", "seeds", "out", "data_dir", "download")
+# What decides the baseline weights; anything else may change without retraining the baseline.
+_BASELINE_KEYS = (
+    "dataset", "width", "init", "pretrain_epochs", "batch_size", "optimizer", "lr", "momentum",
+    "weight_decay", "limit_train", "device",
+)
+
+
+class ConfigError(ValueError):
+    """A run configuration value is invalid; the message says which, what was given and what is valid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    r"""Everything that defines a comparison run.
+
+    Defaults are the default run (``python -m comparison run``): the real-width VGG11_bn on the
+    embedded digits data set, four pretraining epochs (Adam, lr 1e-4, batch 64), three cubic
+    pruning steps each followed by one fine-tuning epoch, targets 0.9 and 0.99, one seed. On a
+    2-core CPU it takes about eight minutes.
+
+    Args:
+        dataset: one of ``digits`` (scikit-learn, embedded), ``cifar10``, ``cifar100``.
+        data_dir: where the CIFAR files are (``cifar-10-batches-py/`` or ``cifar-100-python/``).
+        download: allow torchvision to download CIFAR into ``data_dir`` when it is missing.
+        methods: methods to compare, any of ``dense, actuallysparse, nni, torch-prune``.
+        sparsities: final target sparsities (fraction of zeros of the pruned layers), in (0, 1).
+        seeds: one cell per (method, sparsity, seed); each seed has its own baseline.
+        scope: ``classifier`` prunes the three Linear layers (the thesis's scope); ``all`` also
+            prunes every Conv2d.
+        width: VGG channel multiplier; 1.0 is the real VGG11_bn.
+        init: optional state-dict file for the baseline (PyTorch_CIFAR10 ``vgg11_bn.pt``);
+            when given, no pretraining happens.
+        pretrain_epochs: dense epochs that make the baseline.
+        steps: number of pruning steps; step ``t`` prunes to ``schedule(t)`` then fine-tunes.
+        epochs_per_step: fine-tuning epochs after each pruning step.
+        schedule: ``cubic`` (Zhu & Gupta 2017) or ``linear``, from 0 to the target.
+        batch_size: training batch size; also the large latency batch.
+        optimizer: ``adam`` or ``sgd``; made the same way for every method.
+        lr: learning rate of pretraining and fine-tuning.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 penalty of the optimizer.
+        limit_train: keep only the first N training samples (quick runs).
+        limit_test: keep only the first N test samples.
+        device: ``cpu`` or ``cuda``.
+        threads: torch intra-op threads for training and timing; 0 means every available core.
+        latency_repeats: timed repetitions per latency measurement (median reported).
+        out: results directory; ``None`` means ``runs/<dataset>-<run_id>``.
+
+    Example::
+
+        >>> config = RunConfig(width=0.125, steps=2)
+        >>> config.run_id == RunConfig(width=0.125, steps=2, seeds=(0, 1)).run_id
+        True
+    """
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    sparsities: tuple[float, ...] = (0.9, 0.99)
+    seeds: tuple[int, ...] = (0,)
+    scope: str = "classifier"
+    width: float = 1.0
+    init: str | None = None
+    pretrain_epochs: int = 4
+    steps: int = 3
+    epochs_per_step: int = 1
+    schedule: str = "cubic"
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    device: str = "cpu"
+    threads: int = 0
+    latency_repeats: int = 5
+    out: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Normalise sequences so that a config built from a list hashes like one built from a tuple.
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field, the given value and the valid ones."""
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("scope", self.scope, SCOPES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("device", self.device, DEVICES)
+        valid_methods = tuple(sorted(available_methods()))
+        if not self.methods:
+            raise ConfigError(f"methods is empty; choose from {', '.join(valid_methods)}")
+        for method in self.methods:
+            _choice("method", method, valid_methods)
+        _unique("methods", self.methods)
+        if not self.sparsities:
+            raise ConfigError("sparsities is empty; give targets in (0, 1), e.g. 0.9,0.99")
+        for sparsity in self.sparsities:
+            if not (0.0 < sparsity < 1.0):
+                raise ConfigError(f"sparsity {sparsity} is outside (0, 1); a target is a fraction of zeros, e.g. 0.9")
+        _unique("sparsities", self.sparsities)
+        if not self.seeds:
+            raise ConfigError("seeds is empty; give at least one, e.g. 0")
+        for seed in self.seeds:
+            if seed < 0:
+                raise ConfigError(f"seed {seed} is negative; seeds are integers >= 0")
+        _unique("seeds", self.seeds)
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise ConfigError(f"width {self.width} must be a positive number (1.0 is the real VGG11_bn)")
+        _at_least("pretrain_epochs", self.pretrain_epochs, 0)
+        _at_least("steps", self.steps, 1)
+        _at_least("epochs_per_step", self.epochs_per_step, 0)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("threads", self.threads, 0)
+        _at_least("latency_repeats", self.latency_repeats, 1)
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None:
+                _at_least(name, value, 1)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr {self.lr} must be a positive number")
+        if self.weight_decay < 0 or not (0 <= self.momentum < 1):
+            raise ConfigError(
+                f"weight_decay {self.weight_decay} must be >= 0 and momentum {self.momentum} in [0, 1)"
+            )
+
+    @property
+    def run_id(self) -> str:
+        """Short digest of every setting that decides a cell's results.
+
+        The grid axes (methods, sparsities, seeds) are not part of it: they are columns of the
+        results table, so cells of different axes values under one run id are comparable.
+        """
+        return _digest({k: v for k, v in self.to_dict().items() if k not in RUN_ID_EXCLUDES})
+
+    def baseline_id(self) -> str:
+        """Digest of the settings that decide the baseline weights (seed excluded)."""
+        return _digest({k: self.to_dict()[k] for k in _BASELINE_KEYS})
+
+    @property
+    def out_dir(self) -> Path:
+        """The results directory: ``out`` if given, else ``runs/<dataset>-<run_id>``."""
+        return Path(self.out) if self.out else Path("runs") / f"{self.dataset}-{self.run_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict of every field (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+        """Build from a mapping of field names (dashes or underscores) to values, over ``base``.
+
+        Lists may be given as sequences or as comma-separated strings (``"0.9,0.99"``).
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones) or an invalid value.
+        """
+        base = base or cls()
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"unknown config key {raw_key!r}; valid keys: {', '.join(sorted(known))}")
+            changes[key] = _coerce(key, value)
+        return dataclasses.replace(base, **changes)
+
+    def describe(self) -> str:
+        """Human-readable listing of every field, one per line (printed at the start of a run)."""
+        width = max(len(name) for name in self.to_dict())
+        lines = [f"run {self.run_id} -> {self.out_dir}"]
+        lines += [f"  {name:<{width}} = {value}" for name, value in self.to_dict().items()]
+        return "\n".join(lines)
+
+
+def load_config_file(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file with RunConfig keys over ``base``.
+
+    Raises:
+        ConfigError: missing file, unknown extension, unparsable content, unknown key, bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path} has extension {suffix!r}; expected .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as error:  # the parsers raise their own types; report them uniformly
+        raise ConfigError(f"cannot parse config file {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of keys, got {type(values).__name__}")
+    return RunConfig.from_mapping(values, base)
+
+
+def _digest(values: Mapping[str, Any]) -> str:
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def _unique(name: str, values: tuple) -> None:
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} has duplicates: {', '.join(map(str, values))}")
+
+
+def _at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+_LIST_TYPES = {"methods": str, "sparsities": float, "seeds": int}
+_SCALAR_TYPES = {
+    "width": float, "lr": float, "momentum": float, "weight_decay": float,
+    "pretrain_epochs": int, "steps": int, "epochs_per_step": int, "batch_size": int,
+    "threads": int, "latency_repeats": int, "limit_train": int, "limit_test": int,
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a value from a file or the command line into the field's type, or raise ConfigError."""
+    try:
+        if key in _LIST_TYPES:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                items = [items]
+            cast = _LIST_TYPES[key]
+            return tuple(cast(str(item).strip()) if cast is not str else str(item).strip() for item in items
+                         if str(item).strip() != "")
+        if key in _SCALAR_TYPES:
+            if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+                return None
+            cast = _SCALAR_TYPES[key]
+            if cast is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return cast(value)
+        if key == "download":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("expected true or false")
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if key in ("init", "out") and value in (None, ""):
+            return None
+        return str(value) if value is not None else None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"invalid value {value!r} for {key}: {error}") from error

@@ -1,0 +1,73 @@
+"""Where a run happened: the environment columns of every result row."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def package_version(name: str) -> str:
+    """Installed version of distribution ``name``, without importing it; ``"not installed"`` if absent."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """Commit of the checkout holding ``path`` (this package by default), ``+dirty`` if tracked files changed.
+
+    ``unknown`` outside a git checkout or before the first commit.
+    """
+    where = str(Path(path) if path else Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name (``platform.processor()`` as a fallback)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_columns(run_id: str, dataset: str, device: torch.device, threads: int) -> dict[str, object]:
+    """The values of :data:`comparison.records.ENVIRONMENT_COLUMNS` for this process."""
+    return {
+        "run_id": run_id,
+        "dataset": dataset,
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "nni_version": package_version("nni"),
+        "git_commit": git_commit(),
+    }

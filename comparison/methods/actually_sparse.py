@@ -1,0 +1,93 @@
+"""``actuallysparse``: target Linear layers become ``SparseLayer`` (CSR) and lose pruned weights for good."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from actuallysparse.converter import convert
+from actuallysparse.layers import SparseLayer
+from actuallysparse.pruning import prune_to_sparsity
+from comparison.methods.base import Method, count_zeros, magnitude_keep_mask, replace_module
+
+
+class ActuallySparse(Method):
+    """Physical pruning with the ``actuallysparse`` library.
+
+    ``prepare`` converts every target ``nn.Linear`` to a :class:`SparseLayer` stored as
+    :attr:`layout` (CSR by default: the layout the library's kernels compute with; a subclass
+    with ``layout = "coo"`` compares the COO storage). The conversion keeps every weight.
+    ``prune`` calls :func:`actuallysparse.pruning.prune_to_sparsity` on each of them with the
+    optimizer, so pruned weights leave ``values``, the index arrays and the optimizer state
+    at once, and training continues on the survivors with their optimizer state intact.
+
+    The library has no sparse ``Conv2d``. Under ``scope="all"`` convolutions are pruned by
+    magnitude in place: their zeros stay in the dense weight, a bool ``weight_mask`` buffer
+    (1 byte per weight) remembers them, and an optimizer step hook puts them back to zero
+    after every update. The records say how many pruned layers are stored dense this way.
+    """
+
+    name = "actuallysparse"
+    runtime_modules = ("actuallysparse.layers",)
+    layout = "csr"
+
+    def __init__(self, scope: str = "classifier") -> None:
+        super().__init__(scope)
+        self._hooked_optimizers: dict[int, object] = {}
+
+    def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        super().prepare(model, targets)
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Linear):
+                replace_module(model, name, convert(module, self.layout))
+            elif not isinstance(module, nn.Conv2d):
+                raise TypeError(f"layer {name} is a {type(module).__name__}; actuallysparse prunes Linear and Conv2d")
+        return model
+
+    def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
+        for name in self.targets:
+            module = model.get_submodule(name)
+            if isinstance(module, SparseLayer):
+                prune_to_sparsity(module, target_sparsity, optimizer=optimizer)
+            else:
+                self._prune_dense_in_place(module, target_sparsity)
+        if self.dense_stored_layers(model) and id(optimizer) not in self._hooked_optimizers:
+            # An update moves zeroed weights (Adam's momentum alone does); re-zero after each step.
+            self._hooked_optimizers[id(optimizer)] = optimizer.register_step_post_hook(
+                lambda *_: self._reapply_masks(model)
+            )
+
+    @staticmethod
+    def _prune_dense_in_place(module: nn.Module, target_sparsity: float) -> None:
+        current = module._buffers.get("weight_mask")
+        keep = magnitude_keep_mask(module.weight, target_sparsity, current)
+        if current is None:
+            module.register_buffer("weight_mask", keep)
+        else:
+            module.weight_mask = keep
+        with torch.no_grad():
+            module.weight.mul_(keep)
+
+    def _reapply_masks(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for name in self.dense_stored_layers(model):
+                module = model.get_submodule(name)
+                if "weight_mask" in module._buffers:
+                    module.weight.mul_(module.weight_mask)
+
+    def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
+        module = model.get_submodule(name)
+        if isinstance(module, SparseLayer):
+            total = module.in_features * module.out_features
+            return total - int(torch.count_nonzero(module.values.detach())), total
+        return count_zeros(module.weight.detach())
+
+    def dense_stored_layers(self, model: nn.Module) -> list[str]:
+        return [name for name in self.targets if not isinstance(model.get_submodule(name), SparseLayer)]
+
+    def storage_note(self) -> str:
+        linear = f"Linear layers stored sparse ({self.layout.upper()} values + indices); pruned weights are gone"
+        if self.scope == "all":
+            return f"{linear}; Conv2d kept dense with zeros and a bool mask: actuallysparse has no sparse Conv2d"
+        return linear

@@ -1,0 +1,136 @@
+"""The small interface every compared method implements, and helpers they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+SCOPE_LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "classifier": (nn.Linear,),
+    "all": (nn.Linear, nn.Conv2d),
+}
+
+
+def target_layer_names(model: nn.Module, scope: str) -> list[str]:
+    """Names (as in ``model.named_modules()``) of the layers a method prunes under ``scope``.
+
+    ``classifier``: every ``nn.Linear`` (VGG11_bn has them only in its classifier);
+    ``all``: every ``nn.Linear`` and ``nn.Conv2d``. Call it on the plain model, before a method
+    has converted or wrapped anything.
+    """
+    if scope not in SCOPE_LAYER_TYPES:
+        raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPE_LAYER_TYPES)}")
+    layer_types = SCOPE_LAYER_TYPES[scope]
+    return [name for name, module in model.named_modules() if isinstance(module, layer_types)]
+
+
+def count_zeros(weight: torch.Tensor) -> tuple[int, int]:
+    """``(zeros, total)`` entries of a dense tensor."""
+    return int(weight.numel() - torch.count_nonzero(weight)), int(weight.numel())
+
+
+def magnitude_keep_mask(weight: torch.Tensor, target_sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask keeping the largest-magnitude entries so that ``target_sparsity`` of ``weight`` is zero.
+
+    Entries already masked out in ``current_mask`` stay out (pruning never regrows), and the
+    number of zeros is ``round(target_sparsity * numel)``, never fewer than already pruned.
+    """
+    numel = weight.numel()
+    keep = torch.ones_like(weight, dtype=torch.bool) if current_mask is None else current_mask.bool().clone()
+    n_zero = max(round(target_sparsity * numel), numel - int(keep.sum()))
+    n_zero = min(n_zero, numel)
+    if n_zero == 0:
+        return keep
+    # Pruned entries rank below every kept one, so the k smallest always include them.
+    scores = weight.detach().abs().flatten().float().masked_fill(~keep.flatten(), -1.0)
+    drop = torch.topk(scores, n_zero, largest=False).indices
+    keep = keep.flatten()
+    keep[drop] = False
+    return keep.view_as(weight)
+
+
+class Method(ABC):
+    r"""A way of pruning a model during training, as the harness drives it.
+
+    The harness gives every method the same baseline model, the same per-step target
+    sparsities, the same batches and the same optimizer settings. A method only decides how
+    the pruned layers are represented and how a target sparsity is reached.
+
+    Lifecycle of one cell::
+
+        method = SomeMethod(scope)
+        model = method.prepare(model, targets)       # convert / wrap; no pruning yet
+        optimizer = make_optimizer(model.parameters(), config)  # always after prepare
+        for target in schedule:
+            method.prune(model, target, optimizer)   # reach `target` zeros in every pruned layer
+            ... fine-tune with optimizer ...
+
+    Class attributes:
+        name: the name used on the command line and in the results table.
+        runtime_modules: modules a fresh process must import before it can unpickle a model
+            prepared by this method (imported before the process's memory baseline is taken).
+
+    Args:
+        scope: ``classifier`` or ``all`` (see :func:`target_layer_names`).
+    """
+
+    name: ClassVar[str]
+    runtime_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, scope: str = "classifier") -> None:
+        if scope not in SCOPE_LAYER_TYPES:
+            raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPE_LAYER_TYPES)}")
+        self.scope = scope
+        self.targets: list[str] = []
+
+    def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        """Make ``model`` ready for pruning its ``targets`` layers; returns the model to train.
+
+        May modify ``model`` in place or return a new one. Called once per cell, before the
+        optimizer exists.
+        """
+        self.targets = list(targets)
+        return model
+
+    @abstractmethod
+    def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
+        """Prune every target layer by magnitude until ``target_sparsity`` of its weights are zero.
+
+        Called with non-decreasing targets; the optimizer must go on training the kept weights.
+        """
+
+    @abstractmethod
+    def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
+        """``(zeros, total)`` of the weight the layer ``name`` effectively computes with."""
+
+    def pruned_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules that hold the target layers now (after conversion or wrapping)."""
+        modules = dict(model.named_modules())
+        return {name: modules[name] for name in self.targets}
+
+    def sparsity_counts(self, model: nn.Module) -> tuple[int, int]:
+        """``(zeros, total)`` over all target layers, counted from their weights."""
+        zeros = total = 0
+        for name in self.targets:
+            layer_zeros, layer_total = self.layer_zeros(model, name)
+            zeros += layer_zeros
+            total += layer_total
+        return zeros, total
+
+    def dense_stored_layers(self, model: nn.Module) -> list[str]:
+        """Target layers whose zeros are still stored (a dense weight, with or without a mask)."""
+        return list(self.targets)
+
+    def storage_note(self) -> str:
+        """One sentence on how this method stores pruned layers (recorded beside the counts)."""
+        return ""
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (dotted path) in ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

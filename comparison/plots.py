@@ -1,0 +1,200 @@
+"""PNG plots drawn from the results table alone (never from live models): mean and spread over seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from comparison.summary import MIB, final_values, latency_batch_sizes, seed_stats  # noqa: E402
+
+METHOD_COLORS = {"dense": "black", "actuallysparse": "tab:green", "nni": "tab:orange", "torch-prune": "tab:blue"}
+# Masking methods often hold identical bytes; distinct markers and dashes keep both lines visible.
+METHOD_STYLES = {"actuallysparse": ("o", "-"), "nni": ("^", "-"), "torch-prune": ("v", "--")}
+_FALLBACK_COLORS = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+
+
+def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Draw every plot of ``table`` into ``out_dir``; returns the files written.
+
+    Plots whose metrics are absent (e.g. a table with only dense cells) are skipped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = final_values(table)
+    written = []
+    for name, draw in (
+        ("accuracy_vs_sparsity.png", lambda: plot_accuracy_vs_sparsity(final)),
+        ("latency_vs_sparsity.png", lambda: plot_latency_vs_sparsity(final, latency_batch_sizes(table))),
+        ("stored_bytes_vs_sparsity.png", lambda: plot_bytes_vs_sparsity(final)),
+        ("accuracy_vs_bytes.png", lambda: plot_accuracy_vs_bytes(final)),
+        ("training_curves.png", lambda: plot_training_curves(table)),
+    ):
+        figure = draw()
+        if figure is None:
+            continue
+        path = out_dir / name
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def method_color(method: str, methods: list[str]) -> str:
+    """A fixed colour for the known methods, a stable one from a cycle for others."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    others = [m for m in methods if m not in METHOD_COLORS]
+    return _FALLBACK_COLORS[others.index(method) % len(_FALLBACK_COLORS)] if method in others else "gray"
+
+
+def _against_sparsity(axis, final: pd.DataFrame, metric: str, scale: float = 1.0) -> bool:
+    """Mean ± std over seeds of ``metric`` against target sparsity; dense as a horizontal line."""
+    stats = seed_stats(final, metric)
+    if stats.empty:
+        return False
+    methods = list(dict.fromkeys(final["method"]))
+    for method in methods:
+        rows = stats[stats["method"] == method].sort_values("target_sparsity")
+        if rows.empty:
+            continue
+        color = method_color(method, methods)
+        if method == "dense" or (rows["target_sparsity"] == 0).all():
+            mean = rows["mean"].iloc[0] / scale
+            axis.axhline(mean, color=color, linestyle="--", label=f"{method} (unpruned)")
+            continue
+        rows = rows[rows["target_sparsity"] > 0]
+        marker, linestyle = METHOD_STYLES.get(method, ("o", "-"))
+        axis.errorbar(rows["target_sparsity"], rows["mean"] / scale, yerr=rows["std"] / scale,
+                      marker=marker, linestyle=linestyle, capsize=3, color=color, label=method)
+    _sparsity_axis(axis, final)
+    axis.set_xlabel("target sparsity (fraction of pruned-layer weights that are zero)")
+    axis.grid(True, which="both", alpha=0.3)
+    return True
+
+
+def _legend(axis, **kwargs) -> None:
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(**kwargs)
+
+
+def _sparsity_axis(axis, final: pd.DataFrame) -> None:
+    # Sparsities crowd near 1 (0.9, 0.99, 0.999): a logit axis spaces them evenly.
+    targets = sorted(final.loc[final["target_sparsity"] > 0, "target_sparsity"].unique())
+    if not targets:
+        return
+    axis.set_xscale("logit")
+    low, high = targets[0], targets[-1]
+    axis.set_xlim(low / (low + (1 - low) * 1.5), 1 - (1 - high) / 1.5)
+    axis.set_xticks(targets, [f"{t:g}" for t in targets])
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_accuracy_vs_sparsity(final: pd.DataFrame):
+    """Test accuracy at the last step against target sparsity."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    if not _against_sparsity(axis, final, "test_accuracy"):
+        plt.close(figure)
+        return None
+    axis.set_ylabel("test accuracy")
+    axis.set_title("Accuracy after pruning and fine-tuning")
+    _legend(axis)
+    return figure
+
+
+def plot_latency_vs_sparsity(final: pd.DataFrame, batch_sizes: list[int]):
+    """Inference latency (median) against target sparsity, one panel per batch size."""
+    if not batch_sizes:
+        return None
+    figure, axes = plt.subplots(1, len(batch_sizes), figsize=(6.0 * len(batch_sizes), 4.4), squeeze=False)
+    for axis, size in zip(axes[0], batch_sizes):
+        _against_sparsity(axis, final, f"latency_batch{size}_ms")
+        axis.set_ylabel("latency (ms, median)")
+        axis.set_title(f"Inference latency, batch {size}")
+        _legend(axis)
+    return figure
+
+
+def plot_bytes_vs_sparsity(final: pd.DataFrame):
+    """Bytes held (log scale), whole model and pruned layers alone, against target sparsity."""
+    panels = [("stored_bytes", "whole model"), ("pruned_layers_bytes", "pruned layers only")]
+    figure, axes = plt.subplots(1, 2, figsize=(12.0, 4.4))
+    drawn = False
+    for axis, (metric, title) in zip(axes, panels):
+        drawn |= _against_sparsity(axis, final, metric, scale=MIB)
+        axis.set_yscale("log")
+        axis.set_ylabel("MiB held (every tensor, counted once)")
+        axis.set_title(f"Stored bytes, {title}")
+        _legend(axis)
+    if not drawn:
+        plt.close(figure)
+        return None
+    return figure
+
+
+def plot_accuracy_vs_bytes(final: pd.DataFrame):
+    """Test accuracy against the model's stored bytes (log scale): the trade-off in one picture."""
+    accuracy = seed_stats(final, "test_accuracy")
+    size = seed_stats(final, "stored_bytes")
+    if accuracy.empty or size.empty:
+        return None
+    merged = accuracy.merge(size, on=["method", "target_sparsity"], suffixes=("_acc", "_bytes"))
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    methods = list(dict.fromkeys(final["method"]))
+    for method in methods:
+        rows = merged[merged["method"] == method].sort_values("target_sparsity")
+        if rows.empty:
+            continue
+        marker, linestyle = METHOD_STYLES.get(method, ("s", "-"))
+        axis.errorbar(rows["mean_bytes"] / MIB, rows["mean_acc"], xerr=rows["std_bytes"] / MIB,
+                      yerr=rows["std_acc"], marker=marker, capsize=3, color=method_color(method, methods),
+                      label=method, linestyle=linestyle if len(rows) > 1 else "none")
+        for row in rows.itertuples():
+            axis.annotate(f"{row.target_sparsity:g}", (row.mean_bytes / MIB, row.mean_acc),
+                          textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("model MiB held (log)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("Accuracy against memory (labels: target sparsity)")
+    axis.grid(True, which="both", alpha=0.3)
+    _legend(axis)
+    return figure
+
+
+def plot_training_curves(table: pd.DataFrame):
+    """Per method: test accuracy and train loss against pruning step, one line per target, seeds shaded."""
+    steps = table[table["metric"].isin(["test_accuracy", "train_loss"])]
+    if steps.empty:
+        return None
+    methods = list(dict.fromkeys(steps["method"]))
+    figure, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.4), squeeze=False, sharey="row")
+    targets = sorted(steps["target_sparsity"].unique())
+    cmap = plt.get_cmap("viridis")
+    for column, method in enumerate(methods):
+        for row, metric in enumerate(["test_accuracy", "train_loss"]):
+            axis = axes[row][column]
+            stats = seed_stats(steps[steps["method"] == method], metric, by=("target_sparsity", "step"))
+            for index, target in enumerate(targets):
+                line = stats[stats["target_sparsity"] == target].sort_values("step")
+                if line.empty:
+                    continue
+                color = cmap(index / max(len(targets) - 1, 1))
+                axis.plot(line["step"], line["mean"], marker="o", color=color, label=f"target {target:g}")
+                axis.fill_between(line["step"], line["min"], line["max"], color=color, alpha=0.2)
+            axis.grid(True, alpha=0.3)
+            axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            if row == 0:
+                axis.set_title(method)
+            else:
+                axis.set_xlabel("pruning step (0 = baseline)")
+            if column == 0:
+                axis.set_ylabel("test accuracy" if metric == "test_accuracy" else "train loss (last epoch of step)")
+            _legend(axis, fontsize=8)
+    figure.suptitle("Training curves (mean over seeds, band: min to max)")
+    figure.tight_layout()
+    return figure
