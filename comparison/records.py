@@ -101,18 +101,19 @@ def make_row(cell: Cell, step: int, metric: str, value: float, unit: str, note: 
     return row
 
 
-def write_rows(path: str | Path, rows: Iterable[Mapping[str, object]]) -> None:
-    """Write ``rows`` as CSV with :data:`COLUMNS` to ``path`` atomically (all or nothing)."""
+def write_rows(path: str | Path, rows: Iterable[Mapping[str, object]],
+               columns: tuple[str, ...] = COLUMNS) -> None:
+    """Write ``rows`` as CSV with ``columns`` (default :data:`COLUMNS`) to ``path`` atomically (all or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=path.parent,
                                          prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="raise")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
             writer.writeheader()
             for row in rows:
-                writer.writerow({key: _format(row.get(key, "")) for key in COLUMNS})
+                writer.writerow({key: _format(row.get(key, "")) for key in columns})
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)

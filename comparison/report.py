@@ -42,6 +42,16 @@ def _value(table: pd.DataFrame, **where) -> float:
     return float(frame["value"].iloc[-1])
 
 
+def _bars_by_variant(axis, table: pd.DataFrame, metric: str, sparsities, scale: float = 1.0) -> None:
+    """One group of bars per sparsity, one bar per storage variant."""
+    width = 0.8 / len(VARIANTS)
+    for index, variant in enumerate(VARIANTS):
+        values = [_value(table, variant=variant, target_sparsity=float(s), metric=metric) * scale for s in sparsities]
+        axis.bar([i + (index - len(VARIANTS) / 2 + 0.5) * width for i in range(len(sparsities))], values,
+                 width=width, label=VARIANT_LABELS[variant])
+    axis.set_xticks(range(len(sparsities)), [f"sparsity {s:.2f}" for s in sparsities])
+
+
 def _fmt(value: float, digits: int = 4) -> str:
     return "—" if value != value else f"{value:.{digits}f}"
 
@@ -91,13 +101,8 @@ def memory_section(table: pd.DataFrame, figures: Path) -> str:
         return "## 2. Memory\n\nNot run.\n"
     sparsities = sorted(t[t.metric == "stored_bytes"].target_sparsity.unique())
     figure, axis = plt.subplots(figsize=(8, 3.8))
-    width = 0.8 / len(VARIANTS)
-    for index, variant in enumerate(VARIANTS):
-        values = [_value(t, variant=variant, target_sparsity=float(s), metric="stored_bytes") / MIB for s in sparsities]
-        axis.bar([i + (index - len(VARIANTS) / 2 + 0.5) * width for i in range(len(sparsities))], values,
-                 width=width, label=VARIANT_LABELS[variant])
+    _bars_by_variant(axis, t, "stored_bytes", sparsities, scale=1 / MIB)
     axis.set_yscale("log")
-    axis.set_xticks(range(len(sparsities)), [f"sparsity {s:.2f}" for s in sparsities])
     axis.set_ylabel("classifier bytes held (MiB, log)")
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
@@ -144,14 +149,9 @@ def latency_section(table: pd.DataFrame, figures: Path) -> str:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for axis, metric, label in ((axes[0], "test_set_s", "whole test set, batch 16 (s)"),
                                 (axes[1], "latency_batch1_ms", "batch-1 latency (ms)")):
-        width = 0.8 / len(VARIANTS)
-        for index, variant in enumerate(VARIANTS):
-            values = [_value(t, variant=variant, target_sparsity=float(s), metric=metric) for s in sparsities]
-            axis.bar([i + (index - len(VARIANTS) / 2 + 0.5) * width for i in range(len(sparsities))], values,
-                     width=width, label=VARIANT_LABELS[variant])
+        _bars_by_variant(axis, t, metric, sparsities)
         axis.axhline(_value(t, variant="dense", target_sparsity=0.0, metric=metric), color="black",
                      linestyle="--", linewidth=1, label="dense, unpruned")
-        axis.set_xticks(range(len(sparsities)), [f"sparsity {s:.2f}" for s in sparsities])
         axis.set_ylabel(label)
     axes[1].legend(fontsize=7)
     figure.tight_layout()

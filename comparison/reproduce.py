@@ -18,10 +18,8 @@ experiment in progress (and experiment 1 resumes cell by cell, like ``run``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -37,6 +35,7 @@ from actuallysparse.converter import convert_model
 from actuallysparse.memory import stored_bytes
 from actuallysparse.optim import orphan_remapping_disabled
 from actuallysparse.pruning import prune_to_sparsity
+from comparison import records
 from comparison.config import RunConfig
 from comparison.data import Dataset, load_dataset
 from comparison.environment import available_cores, environment_columns
@@ -303,20 +302,7 @@ def table_path(out: Path, experiment: str) -> Path:
 
 def write_table(path: Path, rows: list[dict[str, object]]) -> None:
     """Write an experiment's rows atomically (temporary file, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=path.parent,
-                                         prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS, extrasaction="raise")
-            writer.writeheader()
-            for row in rows:
-                value = row["value"]
-                writer.writerow({**row, "value": repr(float(value)) if isinstance(value, float) else value})
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    records.write_rows(path, rows, columns=TABLE_COLUMNS)
 
 
 def load_tables(out: str | Path):
