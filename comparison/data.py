@@ -151,16 +151,17 @@ def load_digits() -> Dataset:
     )
 
 
-def load_cifar(name: str, data_dir: str | Path, *, download: bool = False) -> Dataset:
-    """CIFAR-10 or CIFAR-100 from the python-pickle batches under ``data_dir``.
+def load_cifar(name: str, data_dir: str | Path, *, download: bool = False, verify_checksums: bool = True) -> Dataset:
+    """CIFAR-10 or CIFAR-100 from the python-pickle batches under ``data_dir``, read by torchvision.
 
-    Files are read directly (a dict with ``data``, an ``(N, 3072)`` uint8 array in CHW order,
-    and ``labels`` or ``fine_labels``). With ``download=True`` a missing set is fetched through
-    torchvision, which checks the archive's checksum.
+    ``torchvision.datasets.CIFAR10`` / ``CIFAR100`` read the files (and check their MD5 sums
+    unless ``verify_checksums`` is False, which tests use for their tiny files). With
+    ``download=True`` a missing set is fetched through torchvision.
 
     Raises:
-        DatasetNotFoundError: a file is missing; the message names it and says where the
-            extracted archive must go.
+        DatasetNotFoundError: a file is missing or fails its checksum; the message names it and
+            says where the extracted archive must go.
+        ValueError: a file is not a CIFAR batch.
     """
     layout = CIFAR_LAYOUT[name]
     folder = Path(data_dir) / layout["folder"]
@@ -176,24 +177,39 @@ def load_cifar(name: str, data_dir: str | Path, *, download: bool = False) -> Da
             f"(so that {folder / files[0]} exists), point --data-dir at the folder that holds "
             f"{layout['folder']}/, or pass --download to let torchvision fetch it."
         )
-    train = _read_cifar_batches([folder / f for f in layout["train"]], layout["label_key"])
-    test = _read_cifar_batches([folder / f for f in layout["test"]], layout["label_key"])
-    return Dataset(name, train, test, layout["num_classes"])
+    dataset_class = _torchvision_cifar(name, verify_checksums)
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = dataset_class(root=str(data_dir), train=train, download=False)
+        except RuntimeError as error:  # torchvision's "not found or corrupted"
+            raise DatasetNotFoundError(
+                f"{name} files in {folder} failed torchvision's check ({error}); extract "
+                f"{layout['archive']} again into {Path(data_dir).resolve()}"
+            ) from error
+        except (KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(
+                f"{folder} holds a file that is not a CIFAR batch: expected a pickled dict with 'data' and "
+                f"{layout['label_key']!r}; reading it failed with {type(error).__name__}: {error}"
+            ) from error
+        images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        splits.append(ImageSplit(images, torch.as_tensor(dataset.targets, dtype=torch.int64)))
+    return Dataset(name, splits[0], splits[1], layout["num_classes"])
 
 
-def _read_cifar_batches(paths: list[Path], label_key: str) -> ImageSplit:
-    images, labels = [], []
-    for path in paths:
-        with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
-        # Files pickled by Python 3 code may carry bytes keys; the originals give str with latin1.
-        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        if "data" not in entry or label_key not in entry:
-            raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}, got {sorted(entry)}")
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        images.append(torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy()))
-        labels.append(torch.as_tensor(entry[label_key], dtype=torch.int64))
-    return ImageSplit(torch.cat(images), torch.cat(labels))
+def _torchvision_cifar(name: str, verify_checksums: bool) -> type:
+    """torchvision's CIFAR class for ``name``; without checksums, one that only checks the files exist."""
+    import torchvision
+
+    base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    if verify_checksums:
+        return base
+    # torchvision's check_integrity(path, md5=None) only checks that the file exists.
+    return type(f"Unverified{base.__name__}", (base,), {
+        "train_list": [[file_name, None] for file_name, _ in base.train_list],
+        "test_list": [[file_name, None] for file_name, _ in base.test_list],
+        "meta": {**base.meta, "md5": None},
+    })
 
 
 def _download_cifar(name: str, data_dir: Path) -> None:

@@ -13,6 +13,7 @@ from comparison.data import (
     batch_order,
     derive_seed,
     eval_batches,
+    load_cifar,
     load_dataset,
     train_batches,
 )
@@ -92,11 +93,14 @@ def test_image_split_rejects_wrong_shapes():
         ImageSplit(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
 
 
-def _write_cifar(root, name, per_file, bytes_keys=False):
+def _write_cifar(root, name, per_file):
     """Tiny files in the CIFAR python-pickle format; pixel value = sample index, label = index % classes."""
     layout = CIFAR_LAYOUT[name]
     folder = root / layout["folder"]
     folder.mkdir(parents=True)
+    meta_file, meta_key = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    with open(folder / meta_file, "wb") as handle:
+        pickle.dump({meta_key: [f"class {i}" for i in range(layout["num_classes"])]}, handle)
     counter = 0
     for file_name in layout["train"] + layout["test"]:
         data = np.zeros((per_file, 3072), dtype=np.uint8)
@@ -107,17 +111,15 @@ def _write_cifar(root, name, per_file, bytes_keys=False):
             labels.append(counter % layout["num_classes"])
             counter += 1
         entry = {"data": data, layout["label_key"]: labels, "batch_label": file_name}
-        if bytes_keys:
-            entry = {key.encode(): value for key, value in entry.items()}
         with open(folder / file_name, "wb") as handle:
             pickle.dump(entry, handle)
     return counter
 
 
-@pytest.mark.parametrize("name, bytes_keys", [("cifar10", False), ("cifar10", True), ("cifar100", False)])
-def test_cifar_loads_from_pickle_batches(tmp_path, name, bytes_keys):
-    total = _write_cifar(tmp_path, name, per_file=4, bytes_keys=bytes_keys)
-    dataset = load_dataset(name, tmp_path)
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_through_torchvision(tmp_path, name):
+    total = _write_cifar(tmp_path, name, per_file=4)
+    dataset = load_cifar(name, tmp_path, verify_checksums=False)
     layout = CIFAR_LAYOUT[name]
     n_test = 4 * len(layout["test"])
     assert len(dataset.train) == total - n_test and len(dataset.test) == n_test
@@ -142,4 +144,10 @@ def test_corrupt_cifar_file_is_reported(tmp_path):
     with open(tmp_path / "cifar-100-python" / "test", "wb") as handle:
         pickle.dump({"data": np.zeros((1, 3072), np.uint8)}, handle)
     with pytest.raises(ValueError, match="fine_labels"):
-        load_dataset("cifar100", tmp_path)
+        load_cifar("cifar100", tmp_path, verify_checksums=False)
+
+
+def test_cifar_checksums_are_verified_by_default(tmp_path):
+    _write_cifar(tmp_path, "cifar10", per_file=2)
+    with pytest.raises(DatasetNotFoundError, match="failed torchvision's check"):
+        load_dataset("cifar10", tmp_path)
