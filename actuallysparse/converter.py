@@ -31,9 +31,11 @@ def _entries(layer: nn.Module, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
     """Rows, columns and values of the non-zero weights of ``layer`` (mask applied)."""
     out_features, in_features = layer.out_features, layer.in_features
     if mask is not None:
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != (out_features, in_features):
-            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask has shape {shape}, expected the weight's shape "
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of shape ({out_features}, {in_features}), "
+                            f"got {type(mask).__name__}")
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's shape "
                              f"({out_features}, {in_features})")
     if isinstance(layer, SparseLayer):
         rows, cols = layer._rows_cols()

@@ -138,8 +138,14 @@ class SparseLayer(nn.Module):
         return layer
 
     # ----------------------------------------------------------------- storage
-    def _register_storage(self, rows: Tensor, cols: Tensor, values: Tensor) -> None:
-        """Store a row-major sorted pattern and its values in this layer's format."""
+    def _register_storage(self, rows: Tensor, cols: Tensor, values: Tensor, *, reuse_values: bool = True) -> None:
+        """Store a pattern and its values in this layer's format (sorted row-major if needed).
+
+        With ``reuse_values`` the current ``values`` Parameter is written in place when the
+        number of entries is unchanged; otherwise a new Parameter replaces it, and any
+        optimizer holding the old one is remapped with its state reset.
+        """
+        rows, cols, values = self._checked_entries(rows, cols, values)
         index_dtype = index_dtype_for(self.out_features, self.in_features)
         device = values.device
         rows = rows.to(device=device, dtype=index_dtype)
@@ -157,11 +163,37 @@ class SparseLayer(nn.Module):
             self.register_buffer("_crow", crow_from_rows(rows, self.out_features, index_dtype),
                                  persistent=False)
         self._transposed: TransposedPattern | None = None
-        if "values" in self._parameters and self._parameters["values"].shape == values.shape:
+        old = self._parameters.get("values")
+        if reuse_values and old is not None and old.shape == values.shape:
             with torch.no_grad():
-                self._parameters["values"].copy_(values)
-        else:
-            self.values = nn.Parameter(values.detach().clone())
+                old.copy_(values)
+            return
+        self.values = nn.Parameter(values.detach().clone())
+        if old is not None:
+            self.values.requires_grad_(old.requires_grad)
+            # No entry-by-entry correspondence: an optimizer's state for it starts afresh.
+            _optim.record_successor(old, self.values, None)
+
+    def _checked_entries(self, rows: Tensor, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Validate ``(rows, cols, values)`` against the layer's shape; sort them row-major."""
+        if not (rows.dim() == cols.dim() == values.dim() == 1 and rows.numel() == cols.numel() == values.numel()):
+            raise ValueError(f"rows, cols and values must be 1-D of one length, got shapes {tuple(rows.shape)}, "
+                             f"{tuple(cols.shape)} and {tuple(values.shape)}")
+        if rows.numel() == 0:
+            return rows, cols, values
+        rows, cols = rows.long(), cols.long()
+        for name, index, bound in (("row", rows, self.out_features), ("column", cols, self.in_features)):
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= bound:
+                raise ValueError(f"{name} indices span [{low}, {high}], layer expects [0, {bound - 1}] "
+                                 f"(shape {(self.out_features, self.in_features)})")
+        key = rows * self.in_features + cols
+        if not bool((key[1:] > key[:-1]).all()):
+            key, order = torch.sort(key)
+            if bool((key[1:] == key[:-1]).any()):
+                raise ValueError("the pattern holds the same (row, column) more than once")
+            rows, cols, values = rows[order], cols[order], values[order]
+        return rows, cols, values
 
     def _pattern(self) -> tuple[Tensor, Tensor]:
         """CSR view ``(crow, col)`` of the stored pattern, whatever the format."""
@@ -288,18 +320,25 @@ class SparseLayer(nn.Module):
                 raise ValueError(f"weight has shape {tuple(weight.shape)}, layer expects "
                                  f"{expected} (out_features, in_features)")
         if bias is not None:
-            if not isinstance(bias, Tensor) or tuple(bias.shape) != (self.out_features,):
-                shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-                raise ValueError(f"bias has shape {shape}, layer expects ({self.out_features},)")
+            if not isinstance(bias, Tensor):
+                raise TypeError(f"bias must be a torch.Tensor of shape ({self.out_features},), "
+                                f"got {type(bias).__name__}")
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, layer expects ({self.out_features},)")
         if weight.layout != torch.strided:
             weight = weight.to_dense()
         weight = weight.detach()
         rows, cols = torch.nonzero(weight, as_tuple=True)
         values = weight[rows, cols].to(self.values.dtype)
         old = self.values
-        self._register_storage(rows, cols, values.to(old.device))
+        # A new weight is a new Parameter: an optimizer's momentum for the old one means nothing.
+        self._register_storage(rows, cols, values.to(old.device), reuse_values=False)
         if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone().to(old.dtype).to(old.device))
+            if self.bias is None:
+                self.bias = nn.Parameter(bias.detach().clone().to(old.dtype).to(old.device))
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(bias)
 
     def prune_smallest_values(self, optimizer=None, *, k=None) -> None:
         """Remove ``floor(k * in_features * out_features)`` smallest-magnitude weights.
@@ -336,6 +375,7 @@ class SparseLayer(nn.Module):
             keep: 1-D positions into ``values`` (any order, no duplicates).
             optimizer: updated at once if given; see :meth:`prune_smallest_values`.
         """
+        _optim.check_optimizer(optimizer)
         keep = torch.sort(keep.to(device=self.values.device, dtype=torch.long)).values
         if keep.numel() == self.nnz:
             return
@@ -343,13 +383,12 @@ class SparseLayer(nn.Module):
         rows, cols = self._rows_cols()
         with torch.no_grad():
             new_values = old.detach().index_select(0, keep)
-        self._buffers.pop("_crow", None)
-        self._register_storage(rows[keep], cols[keep], new_values)
+        self._register_storage(rows[keep], cols[keep], new_values, reuse_values=False)
         new = self.values
-        new.requires_grad_(old.requires_grad)
         _optim.record_successor(old, new, keep)
         if optimizer is not None:
             _optim.replace_parameter(optimizer, old, new, keep)
+        _optim.remap_known_optimizers()
 
     # -------------------------------------------------------------- state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -370,15 +409,17 @@ class SparseLayer(nn.Module):
                     return
                 rows, cols = rows_from_crow(crow), col.long()
             if rows.numel() != values.numel():
-                error_msgs.append(f"{prefix}: {values.numel()} values but {rows.numel()} indices")
-                return
-            if rows.numel() and (int(rows.max()) >= self.out_features or int(cols.max()) >= self.in_features):
-                error_msgs.append(f"{prefix}: stored indices exceed the layer's shape "
-                                  f"({self.out_features}, {self.in_features})")
+                error_msgs.append(f"{prefix}values has {values.numel()} entries but the indices hold "
+                                  f"{rows.numel()}; the checkpoint is inconsistent")
                 return
             old = self.values
-            self._register_storage(rows, cols, torch.zeros(values.shape, dtype=old.dtype, device=old.device))
-            self.values.requires_grad_(old.requires_grad)
+            try:
+                self._register_storage(rows, cols, values.detach().to(dtype=old.dtype, device=old.device))
+            except ValueError as error:
+                error_msgs.append(f"{prefix or 'layer'}: stored indices do not fit the layer: {error}")
+                return
+            _optim.remap_known_optimizers()
+            state_dict[prefix + "values"] = self.values.detach().clone()  # in the stored (sorted) order
             for key in ("indices", "row_indices", "col_indices"):
                 state_dict.pop(prefix + key, None)
             for key, tensor in self._buffers.items():
@@ -439,8 +480,17 @@ class Pruner:
             layer.prune_smallest_values(optimizer=self.optimizer)
 
     def __call__(self, dummy_input: Tensor):
-        with torch.no_grad():
-            return self.model(dummy_input)
+        # In eval mode, so the pass leaves BatchNorm statistics and dropout RNG alone.
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(dummy_input)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+                if isinstance(module, SparseLayer):
+                    module.train_mode = mode
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

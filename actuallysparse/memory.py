@@ -16,6 +16,7 @@ into categories:
 ``copies``      duplicate weights: NNI's ``weight`` buffer, ``torch.nn.utils.prune``'s
                 materialised ``weight`` attribute
 ``buffers``     every other buffer (BatchNorm statistics, ...)
+``gradients``   the ``.grad`` of every parameter that has one (as sparse as the parameter)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from actuallysparse.layers import SparseLayer
 
-CATEGORIES = ("values", "indices", "caches", "bias", "parameters", "masks", "copies", "buffers")
+CATEGORIES = ("values", "indices", "caches", "bias", "parameters", "masks", "copies", "buffers", "gradients")
 _SPARSE_INDEX_NAMES = {"indices", "row_indices", "col_indices"}
 _WEIGHT_NAMES = {"weight", "bias"}
 
@@ -101,6 +102,8 @@ def _module_tensors(module: nn.Module):
     for name, tensor in module._parameters.items():
         if tensor is not None:
             yield name, tensor, "parameter"
+            if tensor.grad is not None:
+                yield f"{name}.grad", tensor.grad, "gradient"
     for name, tensor in module._buffers.items():
         if tensor is not None:
             yield name, tensor, "buffer"
@@ -148,7 +151,7 @@ def stored_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None = No
     counted, seen = [], set()
     for module_name, submodule in module.named_modules():
         for name, tensor, kind in _module_tensors(submodule):
-            category = "caches" if kind == "cache" else _classify(submodule, name, kind)
+            category = {"cache": "caches", "gradient": "gradients"}.get(kind) or _classify(submodule, name, kind)
             nbytes = 0
             for identity, storage_bytes in _storages(tensor):
                 if identity not in seen:

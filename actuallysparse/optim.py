@@ -12,12 +12,24 @@ thesis's training loop lost 8 accuracy points this way). Two remedies:
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _SUCCESSOR_ATTR = "_actuallysparse_successor"
 _hook_handle = None
+# Optimizers that have stepped at least once: remapped as soon as a parameter they hold is
+# replaced, so that their state_dict() or a GradScaler never meets a stale parameter. One that
+# has never stepped holds no state and is remapped before its first step.
+_known_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+def check_optimizer(optimizer) -> None:
+    """Raise a ``TypeError`` unless ``optimizer`` is ``None`` or a ``torch.optim.Optimizer``."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
 def replace_parameter(
@@ -27,12 +39,14 @@ def replace_parameter(
 
     Per-parameter state tensors shaped like ``old`` (momentum, Adam's moments, ...)
     are compacted to the entries ``keep_index`` kept; other state (``step``) is kept.
+    With ``keep_index=None`` (a new weight, not a pruned one) the state is dropped.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         old: the parameter that was replaced.
         new: its replacement, ``new == old[keep_index]`` at the time of replacement.
-        keep_index: 1-D int64 positions in ``old`` that survive, in the order of ``new``.
+        keep_index: 1-D int64 positions in ``old`` that survive, in the order of ``new``,
+            or ``None`` when the entries do not correspond.
 
     Returns:
         True if ``optimizer`` held ``old``.
@@ -47,7 +61,7 @@ def replace_parameter(
     if not found:
         return False
     state = optimizer.state.pop(old, None)
-    if state:
+    if state and keep_index is not None:
         keep_index = keep_index.to(old.device)
         compacted = {}
         for key, value in state.items():
@@ -59,9 +73,17 @@ def replace_parameter(
     return True
 
 
-def record_successor(old: Tensor, new: Tensor, keep_index: Tensor) -> None:
-    """Note on ``old`` that ``new`` replaced it, keeping the entries ``keep_index``."""
+def record_successor(old: Tensor, new: Tensor, keep_index: Tensor | None) -> None:
+    """Note on ``old`` that ``new`` replaced it, keeping the entries ``keep_index`` (``None``: none match)."""
     setattr(old, _SUCCESSOR_ATTR, (new, keep_index))
+
+
+def remap_known_optimizers() -> None:
+    """Remap orphans in every optimizer that has stepped (see :data:`_known_optimizers`)."""
+    if _hook_handle is None:  # switched off by orphan_remapping_disabled
+        return
+    for optimizer in list(_known_optimizers):
+        remap_orphans(optimizer)
 
 
 def latest_successor(param: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -77,7 +99,10 @@ def latest_successor(param: Tensor) -> tuple[Tensor, Tensor] | None:
     current, keep_index = successor
     while (successor := getattr(current, _SUCCESSOR_ATTR, None)) is not None:
         current, step_keep = successor
-        keep_index = keep_index.index_select(0, step_keep.to(keep_index.device))
+        if keep_index is None or step_keep is None:
+            keep_index = None
+        else:
+            keep_index = keep_index.index_select(0, step_keep.to(keep_index.device))
     return current, keep_index
 
 
@@ -99,6 +124,7 @@ def remap_orphans(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _remap_before_step(optimizer, args, kwargs):
+    _known_optimizers.add(optimizer)
     remap_orphans(optimizer)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from actuallysparse.layers import SparseLayer, sparse_layers
+from actuallysparse.optim import check_optimizer
 
 PRUNING_SCOPES = ("layer", "global")
 
@@ -56,6 +57,7 @@ def prune_to_sparsity(module: nn.Module, target_sparsity: float, *, scope: str =
         The achieved sparsity over all sparse layers of ``module``.
     """
     target_sparsity = _check_sparsity(target_sparsity)
+    check_optimizer(optimizer)
     if scope not in PRUNING_SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, PRUNING_SCOPES))}")
     layers = sparse_layers(module)

@@ -58,6 +58,11 @@ def test_mask_removes_weights_and_leaves_original(source, target):
     assert _dense_weight(original)[1, 1] != 0
 
 
+def test_mask_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor of shape \\(4, 3\\), got list"):
+        convert(nn.Linear(3, 4), "csr", [[1.0]])
+
+
 def test_mask_of_wrong_shape():
     with pytest.raises(ValueError, match=r"mask has shape \(3, 4\), expected the weight's shape \(4, 3\)"):
         convert(nn.Linear(3, 4), "coo", torch.ones(3, 4))

@@ -158,6 +158,25 @@ class TestErrors:
     def test_bias_shape_mismatch(self):
         with pytest.raises(ValueError, match="bias has shape"):
             SparseLayer(3, 2).assign_new_weight(torch.ones(2, 3), torch.ones(5))
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor of shape \\(2,\\), got list"):
+            SparseLayer(3, 2).assign_new_weight(torch.ones(2, 3), [1.0, 2.0])
+
+    @pytest.mark.parametrize("rows, cols, message", [
+        ([0, 3], [0, 1], r"row indices span \[0, 3\], layer expects \[0, 1\]"),
+        ([0, 1], [-1, 1], r"column indices span \[-1, 1\]"),
+        ([1, 1], [2, 2], "more than once"),
+        ([0], [0, 1], "one length"),
+    ])
+    def test_from_entries_validates_the_pattern(self, rows, cols, message):
+        with pytest.raises(ValueError, match=message):
+            SparseLayer.from_entries(3, 2, torch.tensor(rows), torch.tensor(cols), torch.ones(len(cols)))
+
+    def test_from_entries_sorts_an_unsorted_pattern(self):
+        layer = SparseLayer.from_entries(3, 2, torch.tensor([1, 0, 1]), torch.tensor([2, 1, 0]),
+                                         torch.tensor([3.0, 1.0, 2.0]), csr_mode=True)
+        expected = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]])
+        torch.testing.assert_close(layer.weight.to_dense(), expected)
+        torch.testing.assert_close(layer(torch.eye(3)), expected.t())
 
     @pytest.mark.parametrize("bad", [0, -3, 2.5])
     def test_bad_feature_counts(self, bad):
@@ -204,7 +223,7 @@ class TestState:
 
     def test_load_rejects_indices_outside_the_shape(self, sparse_pair):
         _, pruned = sparse_pair(10, 6, fmt="coo", sparsity=0.5)
-        with pytest.raises(RuntimeError, match="exceed the layer's shape"):
+        with pytest.raises(RuntimeError, match=r"column indices span \[0, 9\], layer expects \[0, 4\]"):
             SparseLayer(5, 6).load_state_dict(pruned.state_dict())
 
     @pytest.mark.parametrize("fmt", FORMATS)

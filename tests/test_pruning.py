@@ -177,3 +177,53 @@ def test_disabling_the_remap_reproduces_the_thesis_bug():
         assert torch.equal(layer.values.detach(), kept_before), "the pruned layer is never trained"
     _trained(layer, optimizer, steps=1)  # the hook is back: the orphan is remapped now
     assert not torch.equal(layer.values.detach(), kept_before)
+
+
+def test_assigning_a_new_weight_reaches_an_earlier_optimizer_with_fresh_state():
+    layer = SparseLayer(6, 4)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
+    _trained(layer, optimizer)
+    layer.assign_new_weight(torch.eye(4, 6))
+    assert layer.nnz == 4
+    before = layer.values.detach().clone()
+    _trained(layer, optimizer, steps=1)
+    assert not torch.equal(layer.values.detach(), before)
+    # Adam restarted for the new weight: one step, not four
+    assert int(optimizer.state[layer.values]["step"]) == 1
+
+
+def test_loading_a_checkpoint_of_other_nnz_reaches_an_earlier_optimizer():
+    source = convert(nn.Linear(8, 5), "csr")
+    prune_to_sparsity(source, 0.6)
+    layer = SparseLayer(8, 5, csr_mode=True)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    _trained(layer, optimizer)
+    layer.load_state_dict(source.state_dict())
+    assert any(p is layer.values for p in optimizer.param_groups[0]["params"])
+
+
+def test_an_optimizer_that_stepped_is_remapped_at_once():
+    """Its state_dict() right after pruning (a checkpoint) must not hold the stale parameter."""
+    layer = convert(nn.Linear(8, 4), "coo")
+    optimizer = torch.optim.Adam(layer.parameters())
+    _trained(layer, optimizer)
+    prune_to_sparsity(layer, 0.5)
+    assert any(p is layer.values for p in optimizer.param_groups[0]["params"])
+    state = optimizer.state_dict()
+    fresh = torch.optim.Adam(layer.parameters())
+    fresh.load_state_dict(state)
+    _trained(layer, fresh, steps=1)
+
+
+def test_optimizer_argument_is_checked():
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got str"):
+        prune_to_sparsity(SparseLayer(4, 4), 0.5, optimizer="adam")
+
+
+def test_prune_sparse_model_leaves_batchnorm_statistics_alone():
+    model = nn.Sequential(SparseLayer(4, 4), nn.BatchNorm1d(4))
+    model.train()
+    mean_before = model[1].running_mean.clone()
+    prune_sparse_model(model, torch.randn(8, 4) + 5)
+    assert torch.equal(model[1].running_mean, mean_before)
+    assert model.training and model[0].training and model[0].train_mode
