@@ -33,6 +33,10 @@ ENVIRONMENT_COLUMNS = (
 )
 COLUMNS = CELL_COLUMNS + ENVIRONMENT_COLUMNS
 FAILED_METRIC = "failed"
+# Temporary files are private (0600); results are ordinary files, readable as the umask allows.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 RESULTS_FILE = "results.csv"
 CELLS_DIR = "cells"
 
@@ -116,18 +120,35 @@ def write_rows(path: str | Path, rows: Iterable[Mapping[str, object]],
                 writer.writerow({key: _format(row.get(key, "")) for key in columns})
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, _FILE_MODE)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
 
 
-def read_rows(path: str | Path) -> list[dict[str, str]]:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.chmod(handle.name, _FILE_MODE)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def read_rows(path: str | Path, columns: tuple[str, ...] = COLUMNS) -> list[dict[str, str]]:
     """The rows of one CSV written by :func:`write_rows`, as strings."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
+        if tuple(reader.fieldnames or ()) != columns:
+            raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(columns)}")
         return list(reader)
 
 
@@ -181,13 +202,26 @@ def load_table(source: str | Path):
     return pd.concat(frames, ignore_index=True)
 
 
-def collect_cells(out_dir: str | Path, cells: Iterable[Cell]) -> list[dict[str, str]]:
-    """Rows of every given cell that has a file, in the given order."""
+def collect_cells(out_dir: str | Path, cells: Iterable[Cell], run_id: str | None = None) -> list[dict[str, str]]:
+    """Rows of every given cell that has a file, in the given order.
+
+    With ``run_id``, cells finished earlier in the same directory under the same run id (a
+    previous invocation with other methods, sparsities or seeds) follow, so a results table
+    never drops what an earlier command measured.
+    """
+    cells = list(cells)
     rows: list[dict[str, str]] = []
-    for cell in cells:
-        path = cell_path(out_dir, cell)
+    paths = [cell_path(out_dir, cell) for cell in cells]
+    for path in paths:
         if path.is_file():
             rows.extend(read_rows(path))
+    if run_id is not None:
+        planned = set(paths)
+        for path in sorted((Path(out_dir) / CELLS_DIR).glob("*.csv")):
+            if path not in planned:
+                earlier = read_rows(path)
+                if earlier and all(row["run_id"] == run_id for row in earlier):
+                    rows.extend(earlier)
     return rows
 
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from comparison import records  # noqa: E402
 from comparison.reproduce import (  # noqa: E402
     LOOP_TARGETS,
     MIB,
@@ -235,7 +236,12 @@ def write_report(out: Path, settings: ReproduceSettings, config) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     table = load_tables(out)
     environment = table.iloc[0]
-    command = "python -m comparison reproduce" + ("" if settings.dataset == "digits" else f" --dataset {settings.dataset}") \
+    defaults = ReproduceSettings()
+    flags = [("--dataset", settings.dataset, defaults.dataset), ("--data-dir", settings.data_dir, defaults.data_dir),
+             ("--init", settings.init, defaults.init), ("--seed", settings.seed, defaults.seed),
+             ("--threads", settings.threads, defaults.threads)]
+    command = "python -m comparison reproduce" + "".join(f" {flag} {value}" for flag, value, default in flags
+                                                         if value != default) \
         + (" --quick" if settings.quick else "") + f" --out {settings.out}"
     header = [
         f"# Reproducing the thesis on `{settings.dataset}`", "",
@@ -251,5 +257,5 @@ def write_report(out: Path, settings: ReproduceSettings, config) -> Path:
     sections = [baselines_section(table, figures), memory_section(table, figures),
                 latency_section(table, figures), loops_section(table, figures, settings)]
     path = out / "REPORT.md"
-    path.write_text("\n".join(header) + "\n" + "\n".join(sections))
+    records.write_text_atomic(path, "\n".join(header) + "\n" + "\n".join(sections))
     return path

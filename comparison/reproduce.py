@@ -207,10 +207,16 @@ def experiment_memory(ctx: Context, echo: Callable[[str], None]) -> None:
             for category, nbytes in report.by_category.items():
                 if nbytes:
                     ctx.add("memory", variant, sparsity, 0, f"stored_bytes_{category}", nbytes, "bytes")
-            for measurement in probe_process_memory(model.classifier.eval(), batch_size=THESIS_EVAL_BATCH,
+            try:
+                measurements = probe_process_memory(model.classifier.eval(), batch_size=THESIS_EVAL_BATCH,
                                                     threads=ctx.threads, device=ctx.device.type,
                                                     preimport=preimport, directory=scratch,
-                                                    input_shape=(in_features,)):
+                                                    input_shape=(in_features,))
+            except Exception as error:  # a failed probe loses one number, not the experiment
+                ctx.add("memory", variant, sparsity, 0, "model_rss_bytes", math.nan, "bytes",
+                        f"probe failed: {type(error).__name__}: {error}")
+                continue
+            for measurement in measurements:
                 ctx.add("memory", variant, sparsity, 0, measurement.metric, measurement.value, measurement.unit)
     # The thesis's "dense" figure summed the first layer three times; show what that gives here.
     first = stored_bytes(ctx.model().classifier[0]).total_bytes
@@ -342,7 +348,8 @@ def reproduce(settings: ReproduceSettings, echo: Callable[[str], None] = print,
     config = settings.run_config()
     device = resolve_device(config)
     threads = settings.threads or available_cores()
-    (out / "settings.json").write_text(json.dumps(
+    _check_existing_tables(out, config.run_id)
+    records.write_text_atomic(out / "settings.json", json.dumps(
         {"settings": settings.__dict__, "run_config": config.to_dict(), "run_id": config.run_id}, indent=2) + "\n")
     pending = [name for name in experiments if not table_path(out, name).is_file()]
     if len(pending) < len(experiments):
@@ -367,6 +374,17 @@ def reproduce(settings: ReproduceSettings, echo: Callable[[str], None] = print,
     from comparison.report import write_report
 
     return write_report(out, settings, config)
+
+
+def _check_existing_tables(out: Path, run_id: str) -> None:
+    """Refuse an output directory whose finished tables were made under other settings."""
+    for name in EXPERIMENTS:
+        path = table_path(out, name)
+        if path.is_file():
+            ids = {row["run_id"] for row in records.read_rows(path, columns=TABLE_COLUMNS)}
+            if ids - {run_id}:
+                raise ValueError(f"{path} holds results of run {', '.join(sorted(ids))}, not of these settings "
+                                 f"(run {run_id}); use another --out or remove {out}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -279,7 +279,7 @@ def run(
     data = load_dataset(config.dataset, config.data_dir, download=config.download,
                         limit_train=config.limit_train, limit_test=config.limit_test)
     environment = environment_columns(config.run_id, config.dataset, device, threads)
-    (out_dir / "environment.json").write_text(json.dumps(
+    records.write_text_atomic(out_dir / "environment.json", json.dumps(
         {**environment, "cores": available_cores(), "python": sys.version.split()[0],
          "train_samples": len(data.train), "test_samples": len(data.test)}, indent=2) + "\n")
 
@@ -315,13 +315,13 @@ def run(
     finally:
         torch.set_num_threads(previous_threads)
         # Whatever happened, the table holds every cell finished so far.
-        records.write_rows(result.table_path, records.collect_cells(out_dir, cells))
+        records.write_rows(result.table_path, records.collect_cells(out_dir, cells, config.run_id))
 
     from comparison.summary import summary_markdown
 
     table = records.load_table(result.table_path)
     summary = summary_markdown(table)
-    (out_dir / "summary.md").write_text(summary + "\n")
+    records.write_text_atomic(out_dir / "summary.md", summary + "\n")
     echo(summary)
     if make_plots:
         from comparison.plots import plot_all
@@ -349,7 +349,7 @@ def _claim_out_dir(out_dir: Path, config: RunConfig) -> None:
                 f"{out_dir} holds results of run {previous.get('run_id')}, not of this run {config.run_id} "
                 f"(settings differ: {', '.join(changed) or 'unknown'}); use another --out or remove the directory"
             )
-    config_file.write_text(json.dumps({"run_id": config.run_id, "config": config.to_dict()}, indent=2) + "\n")
+    records.write_text_atomic(config_file, json.dumps({"run_id": config.run_id, "config": config.to_dict()}, indent=2) + "\n")
 
 
 def _atomic_torch_save(payload: object, path: Path) -> None:
@@ -358,6 +358,7 @@ def _atomic_torch_save(payload: object, path: Path) -> None:
     os.close(handle)
     try:
         torch.save(payload, temporary)
+        os.chmod(temporary, records._FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

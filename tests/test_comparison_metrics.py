@@ -43,7 +43,9 @@ def _by_metric(measurements):
 def test_dense_model_holds_its_weight_and_bias_once():
     method, model, optimizer = _pruned("dense")
     values = _by_metric(memory_measurements(model, optimizer, method.pruned_modules(model)))
-    assert values["stored_bytes"] == WEIGHT_BYTES + BIAS_BYTES
+    # after a step every parameter also holds a gradient as large as itself
+    assert values["stored_bytes_gradients"] == WEIGHT_BYTES + BIAS_BYTES
+    assert values["stored_bytes"] == 2 * (WEIGHT_BYTES + BIAS_BYTES)
     assert values["stored_bytes_parameters"] == WEIGHT_BYTES
     assert values["pruned_layers_bytes"] == values["stored_bytes"]
     # Adam: two moments per parameter entry (plus a scalar step per tensor)
@@ -56,7 +58,8 @@ def test_nni_model_counts_weight_mask_and_copy():
     assert values["stored_bytes_parameters"] == WEIGHT_BYTES  # the wrapper's trained weight
     assert values["stored_bytes_masks"] == WEIGHT_BYTES  # float32 weight_mask
     assert values["stored_bytes_copies"] == WEIGHT_BYTES  # the layer's `weight` buffer
-    assert values["stored_bytes"] == 3 * WEIGHT_BYTES + BIAS_BYTES
+    assert values["stored_bytes_gradients"] == WEIGHT_BYTES + BIAS_BYTES  # a dense gradient
+    assert values["stored_bytes"] == 4 * WEIGHT_BYTES + 2 * BIAS_BYTES
     # masking saves nothing in the optimizer either
     assert values["optimizer_state_bytes"] >= 2 * WEIGHT_BYTES
 
@@ -67,7 +70,8 @@ def test_torch_prune_model_counts_orig_mask_and_materialised_weight():
     assert values["stored_bytes_parameters"] == WEIGHT_BYTES  # weight_orig
     assert values["stored_bytes_masks"] == WEIGHT_BYTES  # weight_mask
     assert values["stored_bytes_copies"] == WEIGHT_BYTES  # the materialised `weight` attribute
-    assert values["stored_bytes"] == 3 * WEIGHT_BYTES + BIAS_BYTES
+    assert values["stored_bytes_gradients"] == WEIGHT_BYTES + BIAS_BYTES
+    assert values["stored_bytes"] == 4 * WEIGHT_BYTES + 2 * BIAS_BYTES
 
 
 def test_actuallysparse_model_holds_only_the_survivors():
@@ -75,6 +79,7 @@ def test_actuallysparse_model_holds_only_the_survivors():
     values = _by_metric(memory_measurements(model, optimizer, method.pruned_modules(model)))
     nnz = round(0.1 * IN * OUT)
     assert values["stored_bytes_values"] == nnz * 4
+    assert values["stored_bytes_gradients"] == (nnz + OUT) * 4  # the gradient is as sparse as the weight
     assert values["stored_bytes_masks"] == 0 and values["stored_bytes_parameters"] == 0
     assert values["stored_bytes"] < 0.4 * (WEIGHT_BYTES + BIAS_BYTES)
     assert values["optimizer_state_bytes"] < 0.3 * 2 * WEIGHT_BYTES

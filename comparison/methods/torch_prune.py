@@ -24,6 +24,14 @@ class TorchPrune(Method):
 
     name = "torch-prune"
 
+    def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        super().prepare(model, targets)
+        # What a torch.prune user holds from the first call on: weight_orig, a mask and the
+        # masked weight. Starting with an all-ones mask keeps step 0 comparable with NNI's wrap.
+        for name in targets:
+            torch_prune.identity(model.get_submodule(name), "weight")
+        return model
+
     def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
         for name in self.targets:
             module = model.get_submodule(name)
