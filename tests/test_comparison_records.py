@@ -87,3 +87,27 @@ def test_cell_file_names_are_distinct():
     names = {Cell(m, s, seed).file_name for m in ("nni", "dense") for s in (0.9, 0.99, 0.999) for seed in (0, 1)}
     assert len(names) == 12
     assert str(Cell("nni", 0.9, 1)) == "nni @ 0.9, seed 1"
+
+
+def test_collect_cells_keeps_earlier_cells_of_the_same_run_only(tmp_path):
+    earlier, planned, foreign = Cell("nni", 0.9, 0), Cell("nni", 0.9, 1), Cell("dense", 0.0, 0)
+    write_rows(cell_path(tmp_path, earlier), _rows(earlier))
+    write_rows(cell_path(tmp_path, planned), _rows(planned))
+    write_rows(cell_path(tmp_path, foreign), _rows(foreign, run_id="other"))
+    rows = records.collect_cells(tmp_path, [planned], run_id="abc")
+    assert {row["seed"] for row in rows} == {"0", "1"}
+    assert {row["method"] for row in rows} == {"nni"}
+    assert len(records.collect_cells(tmp_path, [planned])) == 3
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    path = cell_path(tmp_path, Cell("nni", 0.9, 0))
+    write_rows(path, _rows(Cell("nni", 0.9, 0)))
+    records.write_text_atomic(tmp_path / "summary.md", "x\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (path, tmp_path / "summary.md"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask

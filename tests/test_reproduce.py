@@ -36,3 +36,14 @@ def test_quick_reproduce_writes_every_table_figure_and_report(tmp_path):
     mtime = (out / "tables" / "loops.csv").stat().st_mtime
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     assert (out / "tables" / "loops.csv").stat().st_mtime == mtime
+
+
+def test_tables_of_other_settings_are_refused(tmp_path, capsys):
+    from comparison import records
+    from comparison.reproduce import table_path
+
+    row = dict.fromkeys(TABLE_COLUMNS, "")
+    row.update(experiment="memory", run_id="someoneelse", value=1.0)
+    records.write_rows(table_path(tmp_path, "memory"), [row], columns=TABLE_COLUMNS)
+    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
+    assert "someoneelse" in capsys.readouterr().err
