@@ -239,7 +239,8 @@ class SparseLayer(nn.Module):
         size = (self.out_features, self.in_features)
         if self.csr_mode:
             return torch.sparse_csr_tensor(self.row_indices, self.col_indices, self.values, size)
-        return torch.sparse_coo_tensor(self.indices.long(), self.values, size, is_coalesced=True)
+        return torch.sparse_coo_tensor(self.indices.long(), self.values, size, is_coalesced=True,
+                                       check_invariants=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -89,6 +89,7 @@ class ReproduceSettings:
         download: let torchvision download CIFAR when missing.
         seed: seed of the baseline and of the batch orders.
         threads: torch threads (0: every core).
+        progress: show progress bars.
     """
 
     dataset: str = "digits"
@@ -99,6 +100,7 @@ class ReproduceSettings:
     download: bool = False
     seed: int = 0
     threads: int = 0
+    progress: bool = True
 
     def run_config(self) -> RunConfig:
         """The experiment-1 run (dense and NNI at 0.90 and 0.99, linear schedule as NNI's LinearPruner)."""
@@ -183,7 +185,7 @@ def make_variant(ctx: Context, variant: str, target_sparsity: float) -> tuple[nn
 # --------------------------------------------------------------------------- experiments
 def experiment_baselines(ctx: Context, echo: Callable[[str], None]) -> None:
     """1. Baseline, baseline trained further (dense), iterative NNI level pruning to 0.90 / 0.99."""
-    result = run(ctx.config, progress=True, make_plots=True, echo=lambda text: None)
+    result = run(ctx.config, progress=ctx.settings.progress, make_plots=True, echo=lambda text: None)
     from comparison.records import load_table
 
     table = load_table(result.table_path)
@@ -200,7 +202,7 @@ def experiment_memory(ctx: Context, echo: Callable[[str], None]) -> None:
     jobs = [(variant, sparsity) for sparsity in MEMORY_SPARSITIES for variant in VARIANTS]
     in_features = ctx.model().classifier[0].in_features
     with tempfile.TemporaryDirectory() as scratch:
-        for variant, sparsity in tqdm(jobs, desc="memory", unit="variant"):
+        for variant, sparsity in tqdm(jobs, desc="memory", unit="variant", disable=not ctx.settings.progress):
             model, preimport = make_variant(ctx, variant, sparsity)
             report = stored_bytes(model.classifier)
             ctx.add("memory", variant, sparsity, 0, "stored_bytes", report.total_bytes, "bytes")
@@ -227,7 +229,7 @@ def experiment_memory(ctx: Context, echo: Callable[[str], None]) -> None:
 def experiment_latency(ctx: Context, echo: Callable[[str], None]) -> None:
     """3. Whole-test-set inference time (batch 16, as the thesis) and batch-1 latency."""
     jobs = [("dense", 0.0)] + [(variant, s) for s in LATENCY_SPARSITIES for variant in VARIANTS]
-    for variant, sparsity in tqdm(jobs, desc="latency", unit="variant"):
+    for variant, sparsity in tqdm(jobs, desc="latency", unit="variant", disable=not ctx.settings.progress):
         model, _ = make_variant(ctx, variant, sparsity)
         model.eval()
         runs = [evaluate(model, ctx.data.test, batch_size=THESIS_EVAL_BATCH, device=ctx.device)
@@ -289,7 +291,8 @@ def experiment_loops(ctx: Context, echo: Callable[[str], None]) -> None:
     batches. The footnote loop ``actuallysparse-orphaned`` prunes without telling the
     optimizer and with the library's remap switched off: the thesis's original bug.
     """
-    for variant in tqdm(("actuallysparse", "nni", "actuallysparse-orphaned"), desc="loops", unit="loop"):
+    for variant in tqdm(("actuallysparse", "nni", "actuallysparse-orphaned"), desc="loops", unit="loop",
+                        disable=not ctx.settings.progress):
         _loop(ctx, variant, echo)
 
 
@@ -360,7 +363,8 @@ def reproduce(settings: ReproduceSettings, echo: Callable[[str], None] = print,
         if pending:
             data = load_dataset(config.dataset, config.data_dir, download=config.download,
                                 limit_train=config.limit_train, limit_test=config.limit_test)
-            baseline = load_or_train_baseline(config, settings.seed, data, device=device, out_dir=config.out_dir)
+            baseline = load_or_train_baseline(config, settings.seed, data, device=device, out_dir=config.out_dir,
+                                              progress=settings.progress)
             environment = environment_columns(config.run_id, config.dataset, device, threads)
             for name in pending:
                 echo(f"experiment {EXPERIMENTS.index(name) + 1}/{len(EXPERIMENTS)}: {name}")
@@ -398,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the baseline and batch orders")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -410,7 +415,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed and --threads must be >= 0, got {args.seed} and {args.threads}")
     out = args.out or ("runs/reproduce-quick" if args.quick else "results/reproduce")
     settings = ReproduceSettings(dataset=args.dataset, data_dir=args.data_dir, init=args.init, out=out,
-                                 quick=args.quick, download=args.download, seed=args.seed, threads=args.threads)
+                                 quick=args.quick, download=args.download, seed=args.seed, threads=args.threads,
+                                 progress=not args.no_progress)
     report = reproduce(settings)
     print(f"report: {report}")
     return 0
