@@ -152,7 +152,6 @@ class SparseLayer(nn.Module):
         cols = cols.to(device=device, dtype=index_dtype)
         for name in ("indices", "row_indices", "col_indices", "_crow"):
             self._buffers.pop(name, None)
-            self.__dict__.pop(name, None)
         if self.csr_mode:
             self.register_buffer("row_indices", crow_from_rows(rows, self.out_features, index_dtype))
             self.register_buffer("col_indices", cols.contiguous())
@@ -207,12 +206,15 @@ class SparseLayer(nn.Module):
         return self.indices[0].long(), self.indices[1].long()
 
     def _transposed_pattern(self) -> TransposedPattern:
-        """The cached pattern of ``W.T``; rebuilt only when the pattern or device changed."""
-        crow, col = self._pattern()
-        cached = self._transposed
-        if cached is None or cached.col.device != col.device or cached.col.numel() != col.numel():
-            cached = self._transposed = transpose_pattern(crow, col, self.in_features)
-        return cached
+        """The cached pattern of ``W.T``, built when missing.
+
+        Every change of pattern (``_register_storage``), of device (``_apply``) and ``eval()``
+        drops the cache, so a present cache is always current.
+        """
+        if self._transposed is None:
+            crow, col = self._pattern()
+            self._transposed = transpose_pattern(crow, col, self.in_features)
+        return self._transposed
 
     def _apply(self, fn, recurse=True):
         # The transposed cache is a plain attribute; rebuild it on the new device/dtype lazily.

@@ -18,6 +18,7 @@ experiment in progress (and experiment 1 resumes cell by cell, like ``run``).
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import math
 import statistics
@@ -168,14 +169,13 @@ def make_variant(ctx: Context, variant: str, target_sparsity: float) -> tuple[nn
         if target_sparsity:
             prune_to_sparsity(model.classifier, target_sparsity)
         return model, ("actuallysparse.layers",)
-    method_name = "actuallysparse" if variant == "dense" else variant
     if variant == "dense":
         if target_sparsity:
             sparse = convert_model(model.classifier, nn.Linear, "csr")
             prune_to_sparsity(sparse, target_sparsity)
             model.classifier = convert_model(sparse, type(sparse[0]), "dense")
         return model, ()
-    method = make_method(method_name, "classifier")
+    method = make_method(variant, "classifier")
     model = method.prepare(model, targets)
     if target_sparsity:
         method.prune(model, target_sparsity, make_optimizer(model.parameters(), ctx.config))
@@ -186,9 +186,7 @@ def make_variant(ctx: Context, variant: str, target_sparsity: float) -> tuple[nn
 def experiment_baselines(ctx: Context, echo: Callable[[str], None]) -> None:
     """1. Baseline, baseline trained further (dense), iterative NNI level pruning to 0.90 / 0.99."""
     result = run(ctx.config, progress=ctx.settings.progress, make_plots=True, echo=lambda text: None)
-    from comparison.records import load_table
-
-    table = load_table(result.table_path)
+    table = records.load_table(result.table_path)
     accuracy = table[table.metric == "test_accuracy"]
     for (method, target), frame in accuracy.groupby(["method", "target_sparsity"]):
         for _, row in frame.iterrows():
@@ -251,7 +249,7 @@ def _loop(ctx: Context, variant: str, echo: Callable[[str], None]) -> None:
     start = time.perf_counter()
     epoch = 0
     for step, target in enumerate((LOOP_START,) + LOOP_TARGETS):
-        with orphan_remapping_disabled() if orphaned else _nothing():
+        with orphan_remapping_disabled() if orphaned else nullcontext():
             if orphaned:
                 # The thesis's loop: prune without telling the optimizer made before the loop.
                 for layer in method.pruned_modules(model).values():
@@ -273,14 +271,6 @@ def _loop(ctx: Context, variant: str, echo: Callable[[str], None]) -> None:
     ctx.add("loops", variant, LOOP_TARGETS[-1], len(LOOP_TARGETS), "stored_bytes",
             stored_bytes(nn.ModuleList(method.pruned_modules(model).values())).total_bytes, "bytes",
             "the three pruned Linear layers")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return False
 
 
 def experiment_loops(ctx: Context, echo: Callable[[str], None]) -> None:
