@@ -6,6 +6,7 @@ conversion never builds the dense weight.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,14 @@ def _entries(layer: nn.Module, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
         rows, cols = torch.nonzero(weight, as_tuple=True)
         values = weight[rows, cols].clone()
     nonzero = values != 0
-    return rows[nonzero], cols[nonzero], values[nonzero]
+    rows, cols, values = rows[nonzero], cols[nonzero], values[nonzero]
+    not_finite = int((~torch.isfinite(values)).sum())
+    if not_finite:
+        warnings.warn(f"converting {type(layer).__name__}({layer.in_features}, {layer.out_features}): "
+                      f"{not_finite} of its {values.numel()} non-zero weights are NaN or infinite; they are "
+                      f"kept as they are, but magnitude pruning will refuse this layer", RuntimeWarning,
+                      stacklevel=3)
+    return rows, cols, values
 
 
 def convert(layer: nn.Linear | SparseLayer, target: str, mask: Tensor | None = None) -> nn.Module:

@@ -21,8 +21,6 @@ from actuallysparse.functional import (
     transpose_pattern,
 )
 
-_optim.install_step_hook()
-
 _INT32_MAX = 2**31 - 1
 
 
@@ -145,6 +143,8 @@ class SparseLayer(nn.Module):
         number of entries is unchanged; otherwise a new Parameter replaces it, and any
         optimizer holding the old one is remapped with its state reset.
         """
+        # The orphan remap must know every optimizer of a sparse layer from its first step.
+        _optim.install_step_hook()
         rows, cols, values = self._checked_entries(rows, cols, values)
         index_dtype = index_dtype_for(self.out_features, self.in_features)
         device = values.device
@@ -363,23 +363,34 @@ class SparseLayer(nn.Module):
 
     # --------------------------------------------------------------- pruning
     def remove_smallest(self, n_remove: int, optimizer=None) -> None:
-        """Remove the ``n_remove`` smallest-magnitude stored weights (all if more)."""
+        """Remove the ``n_remove`` smallest-magnitude stored weights (all if more).
+
+        Raises:
+            ValueError: the layer holds NaN or infinite weights, which have no magnitude
+                order (a NaN would rank as the largest and never be pruned).
+        """
         if n_remove <= 0:
             return
+        check_finite_values(self)
         n_keep = max(self.nnz - int(n_remove), 0)
         magnitudes = self.values.detach().abs()
         keep = torch.topk(magnitudes, n_keep, sorted=False).indices if n_keep else magnitudes.new_zeros(0, dtype=torch.long)
         self.keep_entries(keep, optimizer=optimizer)
 
     def keep_entries(self, keep: Tensor, optimizer=None) -> None:
-        """Keep only the stored weights at positions ``keep``; drop the rest for good.
+        """Keep only the stored weights selected by ``keep``; drop the rest for good.
 
         Args:
-            keep: 1-D positions into ``values`` (any order, no duplicates).
+            keep: either 1-D integer positions into ``values`` (any order, no duplicates),
+                or a boolean mask with one entry per stored weight (``True`` keeps it).
             optimizer: updated at once if given; see :meth:`prune_smallest_values`.
+
+        Raises:
+            TypeError: ``keep`` is not a tensor of integers or booleans.
+            ValueError: a mask of the wrong length, positions out of range or repeated.
         """
         _optim.check_optimizer(optimizer)
-        keep = torch.sort(keep.to(device=self.values.device, dtype=torch.long)).values
+        keep = self._keep_positions(keep)
         if keep.numel() == self.nnz:
             return
         old = self.values
@@ -392,6 +403,30 @@ class SparseLayer(nn.Module):
         if optimizer is not None:
             _optim.replace_parameter(optimizer, old, new, keep)
         _optim.remap_known_optimizers()
+
+    def _keep_positions(self, keep) -> Tensor:
+        """Sorted int64 positions of the entries ``keep`` selects (see :meth:`keep_entries`)."""
+        if not isinstance(keep, Tensor):
+            raise TypeError(f"keep must be a torch.Tensor of positions or a boolean mask, got {type(keep).__name__}")
+        if keep.dtype == torch.bool:
+            if keep.dim() != 1 or keep.numel() != self.nnz:
+                raise ValueError(f"a boolean keep mask needs one entry per stored weight: shape ({self.nnz},), "
+                                 f"got {tuple(keep.shape)}")
+            return torch.nonzero(keep.to(self.values.device)).flatten()
+        if keep.dtype.is_floating_point or keep.dtype.is_complex:
+            raise TypeError(f"keep must hold integer positions or booleans, got dtype {keep.dtype}")
+        if keep.dim() != 1:
+            raise ValueError(f"keep positions must be 1-D, got shape {tuple(keep.shape)}")
+        keep = torch.sort(keep.to(device=self.values.device, dtype=torch.long)).values
+        if keep.numel():
+            low, high = int(keep[0]), int(keep[-1])
+            if low < 0 or high >= self.nnz:
+                raise ValueError(f"keep positions span [{low}, {high}], the layer stores {self.nnz} weights "
+                                 f"(valid positions 0 to {self.nnz - 1})")
+            if bool((keep[1:] == keep[:-1]).any()):
+                repeated = int((keep[1:] == keep[:-1]).sum())
+                raise ValueError(f"keep positions repeat {repeated} time(s); give each position once")
+        return keep
 
     # -------------------------------------------------------------- state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -431,6 +466,19 @@ class SparseLayer(nn.Module):
                 state_dict[prefix + key] = tensor.clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+def check_finite_values(layer: SparseLayer, name: str | None = None) -> None:
+    """Raise ``ValueError`` if ``layer`` stores NaN or infinite weights, naming it and how many.
+
+    Magnitude pruning ranks weights by ``abs()``; NaN has no order (``topk`` ranks it as the
+    largest), so such a layer cannot be pruned meaningfully.
+    """
+    bad = int((~torch.isfinite(layer.values.detach())).sum())
+    if bad:
+        where = f"layer {name!r}" if name else repr(layer)
+        raise ValueError(f"{where} holds {bad} NaN or infinite weight(s) of {layer.nnz}; magnitude pruning "
+                         f"cannot rank them: fix the weights (e.g. training diverged) before pruning")
 
 
 def new_random_basic_coo(in_features, out_features, bias=True) -> SparseLayer:

@@ -8,7 +8,9 @@ thesis's training loop lost 8 accuracy points this way). Two remedies:
 * pass ``optimizer=`` when pruning: :func:`replace_parameter` swaps the parameter
   in its param groups and compacts its per-parameter state on the spot;
 * otherwise every pruned parameter records its successor, and a global optimizer
-  step pre-hook (installed on import) remaps any orphan before the step runs.
+  step pre-hook remaps any orphan before the step runs. The hook is installed when the
+  first sparse layer is built (or by :func:`install_step_hook`), never on import: importing
+  the package changes no global state.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _SUCCESSOR_ATTR = "_actuallysparse_successor"
 _hook_handle = None
+# False inside orphan_remapping_disabled: the hook stays installed but remaps nothing.
+_remapping_enabled = True
 # Optimizers that have stepped at least once: remapped as soon as a parameter they hold is
 # replaced, so that their state_dict() or a GradScaler never meets a stale parameter. One that
 # has never stepped holds no state and is remapped before its first step.
@@ -80,7 +84,7 @@ def record_successor(old: Tensor, new: Tensor, keep_index: Tensor | None) -> Non
 
 def remap_known_optimizers() -> None:
     """Remap orphans in every optimizer that has stepped (see :data:`_known_optimizers`)."""
-    if _hook_handle is None:  # switched off by orphan_remapping_disabled
+    if not _remapping_enabled:
         return
     for optimizer in list(_known_optimizers):
         remap_orphans(optimizer)
@@ -125,11 +129,16 @@ def remap_orphans(optimizer: torch.optim.Optimizer) -> int:
 
 def _remap_before_step(optimizer, args, kwargs):
     _known_optimizers.add(optimizer)
-    remap_orphans(optimizer)
+    if _remapping_enabled:
+        remap_orphans(optimizer)
 
 
 def install_step_hook() -> None:
-    """Install the global pre-step hook that remaps orphans (idempotent)."""
+    """Install the global pre-step hook that remaps orphans (idempotent).
+
+    :class:`~actuallysparse.layers.SparseLayer` calls it when a layer is built, so that an
+    optimizer made for a sparse layer is known to the remap from its first step on.
+    """
     global _hook_handle
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_remap_before_step)
@@ -150,14 +159,12 @@ class orphan_remapping_disabled:
     """
 
     def __enter__(self):
-        global _hook_handle
-        self._was_installed = _hook_handle is not None
-        if self._was_installed:
-            _hook_handle.remove()
-            _hook_handle = None
+        global _remapping_enabled
+        self._was_enabled = _remapping_enabled
+        _remapping_enabled = False
         return self
 
     def __exit__(self, *exc_info):
-        if self._was_installed:
-            install_step_hook()
+        global _remapping_enabled
+        _remapping_enabled = self._was_enabled
         return False

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from actuallysparse.layers import SparseLayer, sparse_layers
+from actuallysparse.layers import SparseLayer, check_finite_values, sparse_layers
 from actuallysparse.optim import check_optimizer
 
 PRUNING_SCOPES = ("layer", "global")
@@ -55,6 +55,10 @@ def prune_to_sparsity(module: nn.Module, target_sparsity: float, *, scope: str =
 
     Returns:
         The achieved sparsity over all sparse layers of ``module``.
+
+    Raises:
+        ValueError: a bad target or scope, no sparse layer, or a layer holding NaN or
+            infinite weights (named, with their count).
     """
     target_sparsity = _check_sparsity(target_sparsity)
     check_optimizer(optimizer)
@@ -63,6 +67,9 @@ def prune_to_sparsity(module: nn.Module, target_sparsity: float, *, scope: str =
     layers = sparse_layers(module)
     if not layers:
         raise ValueError(f"{type(module).__name__} contains no SparseLayer to prune")
+    for name, layer in module.named_modules():
+        if isinstance(layer, SparseLayer):
+            check_finite_values(layer, name or type(module).__name__)
     if scope == "layer":
         for layer in layers:
             n_keep = weights_to_keep(layer.in_features * layer.out_features, target_sparsity)
