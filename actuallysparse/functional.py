@@ -1,30 +1,50 @@
-"""The sparse linear kernel: forward and backward that never build the dense weight.
+"""The sparse linear products, and the one place that picks the backend computing them.
 
-The weight is a CSR pattern (``crow``, ``col``) plus a 1-D ``values`` tensor in
-row-major order. Forward multiplies through a CSR view of it; backward computes
+The weight is a CSR pattern (``crow``, ``col``) plus a 1-D ``values`` tensor in row-major
+order. A layer needs three products, each a plain function of tensors:
 
-* ``d(values)`` as a sampled dense-dense product (``torch.sparse.sampled_addmm``)
-  restricted to the pattern, so the gradient has exactly ``nnz`` entries;
-* ``d(input)`` with the transposed pattern, kept in a :class:`TransposedPattern`
-  built once per pattern; each step only re-gathers the values into it.
+* ``forward(x, values, bias, crow, col, out_features)``: ``y = x W^T + b``;
+* ``grad_input(grad_out, values, t_crow, t_col, perm, in_features)``: ``dx = dy W``, through
+  the transposed pattern of a :class:`TransposedPattern` (built once per pattern);
+* ``grad_values(grad_out, x, crow, col)``: ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``, a
+  sampled dense-dense product with exactly ``nnz`` entries.
 
-Which MKL call is fastest depends on the batch (see ``shared/MEASURED.md``):
-``F.linear(x, W_csr)`` wins for a single row, ``addmm(b, W_csr, x.T)`` otherwise.
+Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
+:mod:`actuallysparse.kernels` (float32/float64, int32 indices; values are read through the
+permutation inside the kernel, so a step gathers nothing), and ``torch``, built on torch's
+sparse CSR operations (MKL on the CPU; any device, dtype and index type). :func:`backend_for`
+chooses: native on the CPU, torch for other devices, int64 indices or other dtypes, and torch
+(with one warning) when the kernels cannot be built. The environment variable
+``ACTUALLYSPARSE_BACKEND`` (``native`` or ``torch``) forces one.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows of input up to which ``F.linear`` beats ``addmm`` on a CSR weight.
+from actuallysparse import kernels
+
+BACKEND_VARIABLE = "ACTUALLYSPARSE_BACKEND"
+BACKENDS = ("native", "torch")
+
+# Rows of input up to which ``F.linear`` beats ``addmm`` on a CSR weight (torch backend).
 SMALL_BATCH_ROWS = 1
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+@contextlib.contextmanager
+def _quiet_sparse_beta():
+    """Silence torch's "sparse CSR is in beta" notices for the calls inside, leaving global filters alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        yield
 
 
 @dataclass(frozen=True)
@@ -81,46 +101,117 @@ def _csr_times_rows(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
 
 
+def torch_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
+                  out_features: int) -> Tensor:
+    """``x @ W.T + bias`` with torch's CSR multiply."""
+    if values.numel() == 0:
+        out = x.new_zeros(x.shape[0], out_features)
+        return out + bias if bias is not None else out
+    with _quiet_sparse_beta():
+        return _csr_times_rows(_csr(crow, col, values, (out_features, x.shape[1])), x, bias)
+
+
+def torch_grad_input(grad_out: Tensor, values: Tensor, t_crow: Tensor, t_col: Tensor, perm: Tensor,
+                     in_features: int) -> Tensor:
+    """``grad_out @ W`` with torch's CSR multiply on the transposed pattern (gathers ``values[perm]``)."""
+    if values.numel() == 0:
+        return grad_out.new_zeros(grad_out.shape[0], in_features)
+    with _quiet_sparse_beta():
+        weight_t = _csr(t_crow, t_col, values.index_select(0, perm), (in_features, grad_out.shape[1]))
+        return _csr_times_rows(weight_t, grad_out, None).contiguous()
+
+
+def torch_grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    """Each non-zero's gradient with ``torch.sparse.sampled_addmm``."""
+    if col.numel() == 0:
+        return x.new_zeros(0)
+    with _quiet_sparse_beta():
+        # sampled_addmm multiplies the pattern's values even with beta=0:
+        # the pattern must hold zeros, never uninitialized memory.
+        pattern = _csr(crow, col, x.new_zeros(col.numel()), (grad_out.shape[1], x.shape[1]))
+        return torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x.contiguous(), beta=0.0).values()
+
+
+class Backend(NamedTuple):
+    """One implementation of the three products, under a name."""
+
+    name: str
+    forward: Callable[..., Tensor]
+    grad_input: Callable[..., Tensor]
+    grad_values: Callable[..., Tensor]
+
+
+TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values)
+NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values)
+
+_fallback_warned = False
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``ACTUALLYSPARSE_BACKEND``, or ``None`` when it is unset."""
+    forced = os.environ.get(BACKEND_VARIABLE, "").strip().lower()
+    if not forced:
+        return None
+    if forced not in BACKENDS:
+        raise ValueError(f"{BACKEND_VARIABLE}={forced!r} is not a backend; use 'native' or 'torch'")
+    return forced
+
+
+def backend_for(x: Tensor, crow: Tensor) -> Backend:
+    """The backend that computes a layer's products for input ``x`` and a pattern indexed like ``crow``.
+
+    Native on the CPU for float32/float64 with int32 indices; torch for any other device,
+    dtype or index type. Forcing ``native`` where it cannot run raises; where the kernels
+    cannot be built, the torch backend runs, after one warning saying why.
+    """
+    global _fallback_warned
+    forced = forced_backend()
+    if forced == "torch":
+        return TORCH_BACKEND
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or crow.dtype != torch.int32:
+        if forced == "native":
+            raise RuntimeError(f"{BACKEND_VARIABLE}=native, but the native kernels need a CPU float32/float64 "
+                               f"input and int32 indices; got {x.device.type} {x.dtype} and {crow.dtype}")
+        return TORCH_BACKEND
+    if forced == "native":
+        kernels.load()
+        return NATIVE_BACKEND
+    if kernels.is_available():
+        return NATIVE_BACKEND
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"actuallysparse: the compiled CPU kernels are unavailable ({kernels.load_error_summary()}); "
+                      f"sparse layers use the slower torch backend. Install a C++ compiler (g++ or clang) and "
+                      f"ninja to build them, or set {BACKEND_VARIABLE}=torch to choose that backend "
+                      f"without this warning.", RuntimeWarning, stacklevel=3)
+    return TORCH_BACKEND
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """``y = x @ W.T + b`` with ``W`` given as a CSR pattern and its ``values``."""
 
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, transposed, shape):  # noqa: D102
         out_features, in_features = shape
+        backend = backend_for(x, crow)
         ctx.save_for_backward(x, values)
-        ctx.pattern = (crow, col, transposed, shape)
-        if values.numel() == 0:
-            out = x.new_zeros(x.shape[0], out_features)
-            return out + bias if bias is not None else out
-        # A view made inside a custom Function may not be modified in place later (an
+        ctx.pattern = (crow, col, transposed, shape, backend)
+        # A view returned from a custom Function may not be modified in place later (an
         # in-place ReLU after the layer would fail), so return a tensor of its own.
-        return _csr_times_rows(_csr(crow, col, values, shape), x, bias).contiguous()
+        return backend.forward(x, values, bias, crow, col, out_features).contiguous()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x, values = ctx.saved_tensors
-        crow, col, transposed, (out_features, in_features) = ctx.pattern
+        crow, col, transposed, (out_features, in_features), backend = ctx.pattern
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if values.numel() == 0:
-                grad_x = grad_out.new_zeros(grad_out.shape[0], in_features)
-            else:
-                if transposed is None:
-                    transposed = transpose_pattern(crow, col, in_features)
-                weight_t = _csr(transposed.crow, transposed.col,
-                                values.index_select(0, transposed.perm),
-                                (in_features, out_features))
-                grad_x = _csr_times_rows(weight_t, grad_out, None)
+            if transposed is None:
+                transposed = transpose_pattern(crow, col, in_features)
+            grad_x = backend.grad_input(grad_out, values, transposed.crow, transposed.col, transposed.perm,
+                                        in_features)
         if ctx.needs_input_grad[1]:
-            if values.numel() == 0:
-                grad_values = values.new_zeros(0)
-            else:
-                # sampled_addmm multiplies the pattern's values even with beta=0:
-                # the pattern must hold zeros, never uninitialized memory.
-                pattern = _csr(crow, col, torch.zeros_like(values), (out_features, in_features))
-                grad_values = torch.sparse.sampled_addmm(
-                    pattern, grad_out.t().contiguous(), x.contiguous(), beta=0.0
-                ).values()
+            grad_values = backend.grad_values(grad_out, x, crow, col)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None
@@ -152,8 +243,5 @@ def sparse_linear(
         x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
     )
     if not needs_grad:
-        if values.numel() == 0:
-            out = x.new_zeros(x.shape[0], shape[0])
-            return out + bias if bias is not None else out
-        return _csr_times_rows(_csr(crow, col, values, shape), x, bias)
+        return backend_for(x, crow).forward(x, values, bias, crow, col, shape[0])
     return SparseLinearFunction.apply(x, values, bias, crow, col, transposed, shape)

@@ -1,0 +1,62 @@
+// Sparse linear kernels: the three products of y = x W^T + b with W in CSR (int32).
+//
+// This header is torch-free so the per-instruction-set translation units compile fast;
+// bindings.cpp owns threading (at::parallel_for) and calls the entry points below on
+// ranges of work. Each instruction set (avx512, avx2, scalar) provides one KernelTable
+// per dtype, compiled in its own file with its own -m flags.
+//
+// Layout. A dense operand (the input x, or the output gradient) is packed batch-tile-major:
+// tile t holds rows k = 0..K-1 of TW = nv * lanes batch columns, contiguous
+// (pack[t][k][j] = x[t*TW + j][k], zero beyond the batch). One non-zero then costs one
+// broadcast of its value and nv fused multiply-adds against one contiguous, aligned row of
+// the tile, and the tile (K * TW elements) is reused by every row of W. nv is at most 4:
+// four accumulators hide the FMA latency and keep a 4096-row tile within L2.
+#pragma once
+#include <cstdint>
+
+namespace actuallysparse {
+
+template <typename T>
+struct SpmmArgs {
+  const int32_t* crow;   // (n_rows + 1,) row pointers of the pattern
+  const int32_t* col;    // (nnz,) column of each non-zero: a row of the packed operand
+  const int32_t* perm;   // (nnz,) or null: position of each non-zero in `values`
+  const T* values;       // non-zeros (through perm when given)
+  const T* packed;       // packed operand, n_tiles tiles of k_rows * tw elements
+  int64_t k_rows;        // rows of the packed operand
+  int64_t tw;            // tile width (nv * lanes)
+  int64_t batch;         // valid batch columns (the last tile may be partial)
+  T* out;                // (batch, n_rows) row-major output
+  int64_t n_rows;        // rows of the pattern = columns of out
+  const T* bias;         // (n_rows,) or null
+};
+
+template <typename T>
+struct SddmmArgs {
+  const int32_t* crow;   // (n_rows + 1,) row pointers of W
+  const int32_t* col;    // (nnz,)
+  const T* packed_rows;  // packed output gradient: tile rows are W's rows
+  const T* packed_cols;  // packed input: tile rows are W's columns
+  int64_t rows_k;        // rows per tile of packed_rows (out_features)
+  int64_t cols_k;        // rows per tile of packed_cols (in_features)
+  int64_t tw;
+  T* grad_values;        // (nnz,) accumulated over tiles
+};
+
+template <typename T>
+struct KernelTable {
+  int lanes;  // elements per vector register
+  // out[b, r] (+bias[r]) for r in [row_begin, row_end), b in tile `tile`.
+  void (*spmm)(const SpmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end);
+  // grad_values[k] (+)= <packed_rows[tile][row_k], packed_cols[tile][col_k]> for rows in range.
+  void (*sddmm)(const SddmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, bool accumulate);
+};
+
+KernelTable<float> scalar_table_f32();
+KernelTable<double> scalar_table_f64();
+KernelTable<float> avx2_table_f32();
+KernelTable<double> avx2_table_f64();
+KernelTable<float> avx512_table_f32();
+KernelTable<double> avx512_table_f64();
+
+}  // namespace actuallysparse

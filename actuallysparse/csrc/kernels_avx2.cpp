@@ -1,0 +1,51 @@
+#pragma GCC target("avx2,fma")
+// AVX2 + FMA path (the pragma above compiles this file alone for AVX2/FMA; called only when the CPU reports both).
+#include <immintrin.h>
+#include "kernels_impl.h"
+
+namespace actuallysparse {
+namespace {
+
+struct Avx2F32 {
+  using T = float;
+  static constexpr int lanes = 8;
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(T x) { return _mm256_set1_ps(x); }
+  static reg load(const T* p) { return _mm256_load_ps(p); }
+  static void store(T* p, reg a) { _mm256_store_ps(p, a); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static T hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx2F64 {
+  using T = double;
+  static constexpr int lanes = 4;
+  using reg = __m256d;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg set1(T x) { return _mm256_set1_pd(x); }
+  static reg load(const T* p) { return _mm256_load_pd(p); }
+  static void store(T* p, reg a) { _mm256_store_pd(p, a); }
+  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static T hsum(reg a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
+
+}  // namespace
+
+KernelTable<float> avx2_table_f32() { return impl::make_table<Avx2F32>(); }
+KernelTable<double> avx2_table_f64() { return impl::make_table<Avx2F64>(); }
+
+}  // namespace actuallysparse

@@ -1,0 +1,120 @@
+"""The compiled CPU kernels: built from ``actuallysparse/csrc`` on first use, never at import.
+
+Three plain functions with the same signatures as the pure-torch path in
+:mod:`actuallysparse.functional`:
+
+* :func:`forward` ``(x, values, bias, crow, col, out_features) -> y``, ``y = x W^T + b``;
+* :func:`grad_input` ``(grad_out, values, t_crow, t_col, perm, in_features) -> dx = dy W``,
+  through the transposed pattern, reading ``values[perm[k]]`` inside the kernel (no gather);
+* :func:`grad_values` ``(grad_out, x, crow, col) -> dv``, ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``.
+
+They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
+``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
+when set, else ``~/.cache/torch_extensions``); the first call builds them (about a minute on two
+cores), later processes load the cached library. The instruction set is the best the CPU has
+(``avx512``, ``avx2`` or ``scalar``) unless the environment variable ``ACTUALLYSPARSE_ISA``
+names one. Threads follow ``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ISA_VARIABLE = "ACTUALLYSPARSE_ISA"
+ISAS = ("avx512", "avx2", "scalar")
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
+EXTENSION_NAME = "actuallysparse_kernels"
+
+_lock = threading.Lock()
+_loaded = False
+_load_error: Exception | None = None
+
+
+def load() -> None:
+    """Build (first time) and load the kernels; raise ``RuntimeError`` saying why when that fails."""
+    global _loaded, _load_error
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        if _load_error is not None:
+            raise RuntimeError(f"the compiled kernels could not be built: {_load_error}") from _load_error
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(SOURCE_DIR / name) for name in SOURCES],
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as error:  # no compiler, no ninja, a failed build: all mean "not available"
+            _load_error = error
+            raise RuntimeError(f"the compiled kernels could not be built: {error}") from error
+        _loaded = True
+
+
+def load_error_summary() -> str:
+    """One line saying why the kernels could not be built ("" when they were)."""
+    if _load_error is None:
+        return ""
+    lines = [line.strip() for line in str(_load_error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors[1] if len(errors) > 1 else (errors or lines or [type(_load_error).__name__])[0])[:300]
+
+
+def is_available() -> bool:
+    """True once the kernels are built and loaded (builds them if needed; never raises)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU can run, best first (loads the kernels)."""
+    return tuple(isa for isa in ISAS if _ops().isa_supported(isa))
+
+
+def isa() -> str:
+    """The instruction set the kernels use: ``ACTUALLYSPARSE_ISA`` if set, else the best available."""
+    forced = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    supported = supported_isas()
+    if not forced:
+        return supported[0]
+    if forced not in ISAS:
+        raise ValueError(f"{ISA_VARIABLE}={forced!r} is not an instruction set; use one of {', '.join(ISAS)}")
+    if forced not in supported:
+        raise RuntimeError(f"{ISA_VARIABLE}={forced!r} but this CPU supports only {', '.join(supported)}")
+    return forced
+
+
+def _ops():
+    load()
+    return torch.ops.actuallysparse_kernels
+
+
+def forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
+            out_features: int) -> Tensor:
+    """``x @ W.T + bias`` for ``W`` given by its CSR pattern and values; ``x`` is ``(batch, in)``."""
+    return _ops().spmm(x, values, bias, crow, col, None, out_features, isa())
+
+
+def grad_input(grad_out: Tensor, values: Tensor, t_crow: Tensor, t_col: Tensor, perm: Tensor,
+               in_features: int) -> Tensor:
+    """``grad_out @ W`` through the transposed pattern ``(t_crow, t_col)`` and ``values[perm]``."""
+    return _ops().spmm(grad_out, values, None, t_crow, t_col, perm, in_features, isa())
+
+
+def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    """The gradient of each non-zero: ``sum_b grad_out[b, row_k] * x[b, col_k]``."""
+    return _ops().sddmm(grad_out, x, crow, col, isa())
