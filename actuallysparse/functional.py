@@ -4,14 +4,15 @@ The weight is a CSR pattern (``crow``, ``col``) plus a 1-D ``values`` tensor in 
 order. A layer needs three products, each a plain function of tensors:
 
 * ``forward(x, values, bias, crow, col, out_features)``: ``y = x W^T + b``;
-* ``grad_input(grad_out, values, t_crow, t_col, perm, in_features)``: ``dx = dy W``, through
-  the transposed pattern of a :class:`TransposedPattern` (built once per pattern);
+* ``grad_input(grad_out, values, crow, col, t_crow, t_col, perm, in_features)``: ``dx = dy W``;
+  ``t_crow, t_col, perm`` are the transposed pattern of a :class:`TransposedPattern` (built
+  once per pattern), which the torch backend multiplies with;
 * ``grad_values(grad_out, x, crow, col)``: ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``, a
   sampled dense-dense product with exactly ``nnz`` entries.
 
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
-:mod:`actuallysparse.kernels` (float32/float64, int32 indices; values are read through the
-permutation inside the kernel, so a step gathers nothing), and ``torch``, built on torch's
+:mod:`actuallysparse.kernels` (float32/float64, int32 indices; ``dx`` is scattered along ``W``'s
+own rows, so no step gathers or copies the values), and ``torch``, built on torch's
 sparse CSR operations (MKL on the CPU; any device, dtype and index type). :func:`backend_for`
 chooses: native on the CPU, torch for other devices, int64 indices or other dtypes, and torch
 (with one warning) when the kernels cannot be built. The environment variable
@@ -111,11 +112,14 @@ def torch_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
         return _csr_times_rows(_csr(crow, col, values, (out_features, x.shape[1])), x, bias)
 
 
-def torch_grad_input(grad_out: Tensor, values: Tensor, t_crow: Tensor, t_col: Tensor, perm: Tensor,
-                     in_features: int) -> Tensor:
+def torch_grad_input(grad_out: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor | None,
+                     t_col: Tensor | None, perm: Tensor | None, in_features: int) -> Tensor:
     """``grad_out @ W`` with torch's CSR multiply on the transposed pattern (gathers ``values[perm]``)."""
     if values.numel() == 0:
         return grad_out.new_zeros(grad_out.shape[0], in_features)
+    if t_crow is None:
+        transposed = transpose_pattern(crow, col, in_features)
+        t_crow, t_col, perm = transposed.crow, transposed.col, transposed.perm
     with _quiet_sparse_beta():
         weight_t = _csr(t_crow, t_col, values.index_select(0, perm), (in_features, grad_out.shape[1]))
         return _csr_times_rows(weight_t, grad_out, None).contiguous()
@@ -206,10 +210,9 @@ class SparseLinearFunction(torch.autograd.Function):
         crow, col, transposed, (out_features, in_features), backend = ctx.pattern
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if transposed is None:
-                transposed = transpose_pattern(crow, col, in_features)
-            grad_x = backend.grad_input(grad_out, values, transposed.crow, transposed.col, transposed.perm,
-                                        in_features)
+            t_crow, t_col, perm = (None, None, None) if transposed is None else (
+                transposed.crow, transposed.col, transposed.perm)
+            grad_x = backend.grad_input(grad_out, values, crow, col, t_crow, t_col, perm, in_features)
         if ctx.needs_input_grad[1]:
             grad_values = backend.grad_values(grad_out, x, crow, col)
         if ctx.needs_input_grad[2]:

@@ -4,8 +4,9 @@ Three plain functions with the same signatures as the pure-torch path in
 :mod:`actuallysparse.functional`:
 
 * :func:`forward` ``(x, values, bias, crow, col, out_features) -> y``, ``y = x W^T + b``;
-* :func:`grad_input` ``(grad_out, values, t_crow, t_col, perm, in_features) -> dx = dy W``,
-  through the transposed pattern, reading ``values[perm[k]]`` inside the kernel (no gather);
+* :func:`grad_input` ``(grad_out, values, crow, col, t_crow, t_col, perm, in_features) -> dx = dy W``,
+  scattered through ``W``'s own rows, so the values are read in their stored order and the
+  transposed pattern (``t_crow, t_col, perm``, which the torch backend needs) goes unused;
 * :func:`grad_values` ``(grad_out, x, crow, col) -> dv``, ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``.
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
@@ -106,13 +107,13 @@ def _ops():
 def forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
             out_features: int) -> Tensor:
     """``x @ W.T + bias`` for ``W`` given by its CSR pattern and values; ``x`` is ``(batch, in)``."""
-    return _ops().spmm(x, values, bias, crow, col, None, out_features, isa())
+    return _ops().spmm(x, values, bias, crow, col, out_features, isa())
 
 
-def grad_input(grad_out: Tensor, values: Tensor, t_crow: Tensor, t_col: Tensor, perm: Tensor,
-               in_features: int) -> Tensor:
-    """``grad_out @ W`` through the transposed pattern ``(t_crow, t_col)`` and ``values[perm]``."""
-    return _ops().spmm(grad_out, values, None, t_crow, t_col, perm, in_features, isa())
+def grad_input(grad_out: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor | None,
+               t_col: Tensor | None, perm: Tensor | None, in_features: int) -> Tensor:
+    """``grad_out @ W``, scattered along ``W``'s rows (the transposed pattern is not needed)."""
+    return _ops().scatter(grad_out, values, crow, col, in_features, isa())
 
 
 def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:

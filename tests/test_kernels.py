@@ -79,7 +79,10 @@ def test_products_match_masked_dense(backend, dtype, out_features, in_features, 
     assert backend.forward(x, values, None, crow, col, out_features).shape == (batch, out_features)
 
     transposed = transpose_pattern(crow, col, in_features)
-    grad_x = backend.grad_input(grad_out, values, transposed.crow, transposed.col, transposed.perm, in_features)
+    grad_x = backend.grad_input(grad_out, values, crow, col, transposed.crow, transposed.col, transposed.perm,
+                                in_features)
+    torch.testing.assert_close(grad_x, grad_out @ dense, **tol)
+    grad_x = backend.grad_input(grad_out, values, crow, col, None, None, None, in_features)
     torch.testing.assert_close(grad_x, grad_out @ dense, **tol)
 
     grad_values = backend.grad_values(grad_out, x, crow, col)
@@ -92,7 +95,7 @@ def test_non_contiguous_operands(backend):
     grad_out = torch.randn(19, 46, dtype=torch.float64)[:, ::2]  # strided columns
     torch.testing.assert_close(backend.forward(x, values, None, crow, col, 23), x @ dense.T)
     transposed = transpose_pattern(crow, col, 41)
-    torch.testing.assert_close(backend.grad_input(grad_out, values, transposed.crow, transposed.col,
+    torch.testing.assert_close(backend.grad_input(grad_out, values, crow, col, transposed.crow, transposed.col,
                                                   transposed.perm, 41), grad_out @ dense)
     torch.testing.assert_close(backend.grad_values(grad_out, x, crow, col), (grad_out.T @ x)[dense != 0])
     # the gradient of out.sum() arrives as an expanded (stride 0) tensor
@@ -107,7 +110,7 @@ def test_no_non_zeros(backend):
     bias = torch.randn(6, dtype=torch.float64)
     torch.testing.assert_close(backend.forward(x, values, bias, crow, col, 6), bias.expand(4, 6))
     transposed = transpose_pattern(crow, col, 9)
-    grad_x = backend.grad_input(torch.ones(4, 6, dtype=torch.float64), values, transposed.crow,
+    grad_x = backend.grad_input(torch.ones(4, 6, dtype=torch.float64), values, crow, col, transposed.crow,
                                 transposed.col, transposed.perm, 9)
     torch.testing.assert_close(grad_x, torch.zeros(4, 9, dtype=torch.float64))
     assert backend.grad_values(torch.ones(4, 6, dtype=torch.float64), x, crow, col).shape == (0,)

@@ -55,8 +55,10 @@ void check_pattern(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows
   TORCH_CHECK(crow.device().is_cpu() && col.device().is_cpu(), "the native kernels run on the CPU");
 }
 
-// Tile width: enough vectors for the batch, at most four (see kernels.h).
+// Tile width: enough vectors for the batch, at most four (see kernels.h); a single row is
+// its own tile of width 1.
 int64_t tile_width(int64_t batch, int lanes) {
+  if (batch == 1) return 1;
   const int64_t nv = std::min<int64_t>(4, std::max<int64_t>(1, (batch + lanes - 1) / lanes));
   return nv * lanes;
 }
@@ -90,8 +92,7 @@ at::Tensor pack(const at::Tensor& x, int64_t tw) {
 }
 
 at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
-                const at::Tensor& crow, const at::Tensor& col, const c10::optional<at::Tensor>& perm,
-                int64_t n_rows, const std::string& isa) {
+                const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, const std::string& isa) {
   check_isa(isa);
   check_pattern(crow, col, n_rows);
   TORCH_CHECK(x.dim() == 2, "input must be 2-D (batch, features), got ", x.sizes());
@@ -109,12 +110,6 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
     TORCH_CHECK(b.numel() == n_rows && b.scalar_type() == x.scalar_type(), "bias must be (", n_rows, ",) of ",
                 x.scalar_type());
   }
-  at::Tensor p;
-  if (perm.has_value()) {
-    p = perm->contiguous();
-    TORCH_CHECK(p.scalar_type() == at::kInt && p.numel() == col.numel(), "perm must be int32 with one entry "
-                "per non-zero");
-  }
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, n_rows}, x.options());
   if (batch == 0 || n_rows == 0) return out;
@@ -122,8 +117,7 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = tile_width(batch, table.lanes);
     const at::Tensor packed = pack<scalar_t>(x, tw);
-    SpmmArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
-                            p.defined() ? p.data_ptr<int32_t>() : nullptr, vals.data_ptr<scalar_t>(),
+    SpmmArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                             packed.data_ptr<scalar_t>(), x.size(1), tw, batch, out.data_ptr<scalar_t>(),
                             n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr};
     const int64_t n_tiles = packed.size(0);
@@ -133,6 +127,67 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / n_chunks, r0 = (item % n_chunks) * kChunk;
         table.spmm(args, t, r0, std::min(n_rows, r0 + kChunk));
+      }
+    });
+  });
+  return out;
+}
+
+// grad_out @ W through W's rows: work items are (tile, slice of W's rows), each scattering into
+// its own accumulation tile; a second pass sums the slices and writes them transposed.
+at::Tensor scatter(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& crow,
+                   const at::Tensor& col, int64_t in_features, const std::string& isa) {
+  check_isa(isa);
+  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be 2-D, got ", grad_out.sizes());
+  const int64_t n_rows = grad_out.size(1);
+  check_pattern(crow, col, n_rows);
+  TORCH_CHECK(grad_out.scalar_type() == values.scalar_type(), "grad_out and values dtypes differ");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
+              "the native kernels take float32 or float64, got ", values.scalar_type());
+  TORCH_CHECK(values.numel() == col.numel(), "values must have one entry per non-zero");
+  const int64_t batch = grad_out.size(0);
+  at::Tensor out = at::empty({batch, in_features}, grad_out.options());
+  if (batch == 0 || in_features == 0) return out;
+  const at::Tensor vals = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "actuallysparse_scatter", [&] {
+    const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
+    const int64_t tw = tile_width(batch, table.lanes);
+    const at::Tensor packed = pack<scalar_t>(grad_out, tw);
+    const int64_t n_tiles = packed.size(0);
+    const int64_t threads = at::get_num_threads();
+    const int64_t slices = std::max<int64_t>(1, (threads + n_tiles - 1) / n_tiles);
+    at::Tensor acc = at::zeros({n_tiles, slices, in_features, tw}, grad_out.options());
+    ScatterArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                               packed.data_ptr<scalar_t>(), n_rows, tw};
+    scalar_t* acc_data = acc.data_ptr<scalar_t>();
+    const int32_t* crow_data = crow.data_ptr<int32_t>();
+    const int64_t nnz = col.numel();
+    at::parallel_for(0, n_tiles * slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / slices, s = item % slices;
+        // slices of about equal non-zeros, not equal rows
+        const int32_t* lo = std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices);
+        const int32_t* hi = std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices);
+        const int64_t r0 = lo - crow_data, r1 = s + 1 == slices ? n_rows : hi - crow_data;
+        table.scatter(args, t, r0, r1, acc_data + item * in_features * tw);
+      }
+    });
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    constexpr int64_t kBlock = 64;
+    const int64_t blocks = (in_features + kBlock - 1) / kBlock;
+    at::parallel_for(0, n_tiles * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / blocks, c0 = (item % blocks) * kBlock;
+        const int64_t c1 = std::min(in_features, c0 + kBlock);
+        const int64_t nb = std::min(tw, batch - t * tw);
+        const scalar_t* first = acc_data + t * slices * in_features * tw;
+        for (int64_t s = 1; s < slices; ++s) {
+          scalar_t* sum = const_cast<scalar_t*>(first);
+          const scalar_t* part = first + s * in_features * tw;
+          for (int64_t i = c0 * tw; i < c1 * tw; ++i) sum[i] += part[i];
+        }
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t c = c0; c < c1; ++c) dst[(t * tw + b) * in_features + c] = first[c * tw + b];
       }
     });
   });
@@ -173,8 +228,8 @@ at::Tensor sddmm(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
 }  // namespace actuallysparse
 
 TORCH_LIBRARY(actuallysparse_kernels, m) {
-  m.def("spmm(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, Tensor? perm, int n_rows, "
-        "str isa) -> Tensor");
+  m.def("spmm(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, str isa) -> Tensor");
+  m.def("scatter(Tensor grad_out, Tensor values, Tensor crow, Tensor col, int in_features, str isa) -> Tensor");
   m.def("sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, str isa) -> Tensor");
   m.def("isa_supported(str isa) -> bool", &actuallysparse::isa_supported);
 }
@@ -182,4 +237,5 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
 TORCH_LIBRARY_IMPL(actuallysparse_kernels, CPU, m) {
   m.impl("spmm", &actuallysparse::spmm);
   m.impl("sddmm", &actuallysparse::sddmm);
+  m.impl("scatter", &actuallysparse::scatter);
 }

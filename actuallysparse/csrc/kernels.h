@@ -20,8 +20,7 @@ template <typename T>
 struct SpmmArgs {
   const int32_t* crow;   // (n_rows + 1,) row pointers of the pattern
   const int32_t* col;    // (nnz,) column of each non-zero: a row of the packed operand
-  const int32_t* perm;   // (nnz,) or null: position of each non-zero in `values`
-  const T* values;       // non-zeros (through perm when given)
+  const T* values;       // (nnz,) non-zeros
   const T* packed;       // packed operand, n_tiles tiles of k_rows * tw elements
   int64_t k_rows;        // rows of the packed operand
   int64_t tw;            // tile width (nv * lanes)
@@ -44,12 +43,24 @@ struct SddmmArgs {
 };
 
 template <typename T>
+struct ScatterArgs {
+  const int32_t* crow;   // (n_rows + 1,) row pointers of W
+  const int32_t* col;    // (nnz,)
+  const T* values;       // (nnz,) W's values in their own order
+  const T* packed_rows;  // packed output gradient: tile rows are W's rows
+  int64_t rows_k;        // rows per tile of packed_rows (out_features)
+  int64_t tw;
+};
+
+template <typename T>
 struct KernelTable {
   int lanes;  // elements per vector register
   // out[b, r] (+bias[r]) for r in [row_begin, row_end), b in tile `tile`.
   void (*spmm)(const SpmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end);
   // grad_values[k] (+)= <packed_rows[tile][row_k], packed_cols[tile][col_k]> for rows in range.
   void (*sddmm)(const SddmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, bool accumulate);
+  // acc_tile[col_k] += values[k] * packed_rows[tile][r] for k in rows [row_begin, row_end).
+  void (*scatter)(const ScatterArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile);
 };
 
 KernelTable<float> scalar_table_f32();

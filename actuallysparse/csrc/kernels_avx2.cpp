@@ -23,6 +23,15 @@ struct Avx2F32 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static reg loadu(const T* p) { return _mm256_loadu_ps(p); }
+  static void storeu(T* p, reg a) { _mm256_storeu_ps(p, a); }
+  // lane i of the result = sum of acc[i]'s lanes
+  static reg reduce_lanes(const reg* acc) {
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
 };
 
 struct Avx2F64 {
@@ -40,6 +49,12 @@ struct Avx2F64 {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
     return _mm_cvtsd_f64(s);
+  }
+  static reg loadu(const T* p) { return _mm256_loadu_pd(p); }
+  static void storeu(T* p, reg a) { _mm256_storeu_pd(p, a); }
+  static reg reduce_lanes(const reg* acc) {
+    const __m256d t0 = _mm256_hadd_pd(acc[0], acc[1]), t1 = _mm256_hadd_pd(acc[2], acc[3]);
+    return _mm256_add_pd(_mm256_permute2f128_pd(t0, t1, 0x20), _mm256_permute2f128_pd(t0, t1, 0x31));
   }
 };
 

@@ -18,6 +18,25 @@ struct Avx512F32 {
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static T hsum(reg a) { return _mm512_reduce_add_ps(a); }
+  static reg loadu(const T* p) { return _mm512_loadu_ps(p); }
+  static void storeu(T* p, reg a) { _mm512_storeu_ps(p, a); }
+  // lane i of the result = sum of acc[i]'s lanes: fold each to 256 bits, then two 8-way
+  // transposing reductions.
+  static __m256 reduce8(const __m256* h) {
+    const __m256 t0 = _mm256_hadd_ps(h[0], h[1]), t1 = _mm256_hadd_ps(h[2], h[3]);
+    const __m256 t2 = _mm256_hadd_ps(h[4], h[5]), t3 = _mm256_hadd_ps(h[6], h[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  static reg reduce_lanes(const reg* acc) {
+    __m256 h[16];
+    for (int i = 0; i < 16; ++i)
+      h[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
+    const __m256 lo = reduce8(h), hi = reduce8(h + 8);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                                               _mm256_castps_pd(hi), 1));
+  }
 };
 
 struct Avx512F64 {
@@ -32,6 +51,18 @@ struct Avx512F64 {
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static T hsum(reg a) { return _mm512_reduce_add_pd(a); }
+  static reg loadu(const T* p) { return _mm512_loadu_pd(p); }
+  static void storeu(T* p, reg a) { _mm512_storeu_pd(p, a); }
+  static reg reduce_lanes(const reg* acc) {
+    __m256d h[8];
+    for (int i = 0; i < 8; ++i) h[i] = _mm256_add_pd(_mm512_castpd512_pd256(acc[i]), _mm512_extractf64x4_pd(acc[i], 1));
+    __m256d q[2];
+    for (int i = 0; i < 2; ++i) {
+      const __m256d t0 = _mm256_hadd_pd(h[4 * i], h[4 * i + 1]), t1 = _mm256_hadd_pd(h[4 * i + 2], h[4 * i + 3]);
+      q[i] = _mm256_add_pd(_mm256_permute2f128_pd(t0, t1, 0x20), _mm256_permute2f128_pd(t0, t1, 0x31));
+    }
+    return _mm512_insertf64x4(_mm512_castpd256_pd512(q[0]), q[1], 1);
+  }
 };
 
 }  // namespace

@@ -3,9 +3,7 @@
 // spmm: for one batch tile and a range of pattern rows, row r accumulates
 //   acc[0..nv) += value_k * packed[col_k][0..TW)   for k in row r,
 // then writes acc transposed into out[b][r] through a small block buffer, so stores to the
-// row-major output stay within a few cache lines. With a permutation (the transposed
-// pattern of W), value_k is values[perm[k]]: the one values array serves every product and
-// no step gathers it.
+// row-major output stay within a few cache lines.
 // sddmm: for W's row r, its tile row of the output gradient stays in registers while each
 // non-zero k adds <that row, packed input row col_k> into grad_values[k].
 #pragma once
@@ -16,9 +14,69 @@
 namespace actuallysparse {
 namespace impl {
 
+// A "vector" of L elements as a plain array: the portable path.
+template <typename TT, int L>
+struct Lanes {
+  using T = TT;
+  static constexpr int lanes = L;
+  struct reg { T v[L]; };
+  static reg zero() { reg r; for (int i = 0; i < L; ++i) r.v[i] = T(0); return r; }
+  static reg set1(T x) { reg r; for (int i = 0; i < L; ++i) r.v[i] = x; return r; }
+  static reg load(const T* p) { reg r; for (int i = 0; i < L; ++i) r.v[i] = p[i]; return r; }
+  static void store(T* p, const reg& a) { for (int i = 0; i < L; ++i) p[i] = a.v[i]; }
+  static reg add(const reg& a, const reg& b) { reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
+  static reg mul(const reg& a, const reg& b) { reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
+  static reg fmadd(const reg& a, const reg& b, const reg& c) {
+    reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i]; return r;
+  }
+  static T hsum(const reg& a) { T s = T(0); for (int i = 0; i < L; ++i) s += a.v[i]; return s; }
+  static reg loadu(const T* p) { return load(p); }
+  static void storeu(T* p, const reg& a) { store(p, a); }
+  static reg reduce_lanes(const reg* acc) { reg r; for (int i = 0; i < L; ++i) r.v[i] = hsum(acc[i]); return r; }
+};
+
 constexpr int kRowBlock = 16;  // rows per block buffer before the transposed store
 
-template <typename V, int NV, bool kPerm>
+// A batch of one row: plain dot products and scatters over the row itself (it stays in L1);
+// four partial sums keep four FMA chains in flight.
+template <typename T>
+void spmv(const SpmmArgs<T>& a, int64_t row_begin, int64_t row_end) {
+  const T* x = a.packed;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+    int32_t k = a.crow[r];
+    const int32_t end = a.crow[r + 1];
+    for (; k + 4 <= end; k += 4) {
+      s0 += a.values[k] * x[a.col[k]];
+      s1 += a.values[k + 1] * x[a.col[k + 1]];
+      s2 += a.values[k + 2] * x[a.col[k + 2]];
+      s3 += a.values[k + 3] * x[a.col[k + 3]];
+    }
+    for (; k < end; ++k) s0 += a.values[k] * x[a.col[k]];
+    a.out[r] = (s0 + s1) + (s2 + s3) + (a.bias ? a.bias[r] : T(0));
+  }
+}
+
+template <typename T>
+void scatter_one(const ScatterArgs<T>& a, int64_t row_begin, int64_t row_end, T* acc) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T g = a.packed_rows[r];
+    for (int32_t k = a.crow[r]; k < a.crow[r + 1]; ++k) acc[a.col[k]] += a.values[k] * g;
+  }
+}
+
+template <typename T>
+void sddmm_one(const SddmmArgs<T>& a, int64_t row_begin, int64_t row_end, bool accumulate) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T g = a.packed_rows[r];
+    for (int32_t k = a.crow[r]; k < a.crow[r + 1]; ++k) {
+      const T dot = g * a.packed_cols[a.col[k]];
+      a.grad_values[k] = accumulate ? a.grad_values[k] + dot : dot;
+    }
+  }
+}
+
+template <typename V, int NV>
 void spmm_nv(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
@@ -41,14 +99,14 @@ void spmm_nv(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, 
       int32_t k = begin;
       for (; k + S <= end; k += S) {
         for (int s = 0; s < S; ++s) {
-          const T value = kPerm ? a.values[a.perm[k + s]] : a.values[k + s];
+          const T value = a.values[k + s];
           const typename V::reg w = V::set1(value);
           const T* src = pack + static_cast<int64_t>(cols[k + s]) * TW;
           for (int v = 0; v < NV; ++v) acc[s][v] = V::fmadd(w, V::load(src + v * W), acc[s][v]);
         }
       }
       for (; k < end; ++k) {
-        const T value = kPerm ? a.values[a.perm[k]] : a.values[k];
+        const T value = a.values[k];
         const typename V::reg w = V::set1(value);
         const T* src = pack + static_cast<int64_t>(cols[k]) * TW;
         for (int v = 0; v < NV; ++v) acc[0][v] = V::fmadd(w, V::load(src + v * W), acc[0][v]);
@@ -69,21 +127,49 @@ void spmm_nv(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, 
 
 template <typename V>
 void spmm(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end) {
-  const int64_t nv = a.tw / V::lanes;
-  const bool perm = a.perm != nullptr;
-#define AS_SPMM_CASE(N)                                                   \
-  case N:                                                                 \
-    return perm ? spmm_nv<V, N, true>(a, tile, row_begin, row_end)        \
-                : spmm_nv<V, N, false>(a, tile, row_begin, row_end);
-  switch (nv) {
-    AS_SPMM_CASE(1)
-    AS_SPMM_CASE(2)
-    AS_SPMM_CASE(3)
-    AS_SPMM_CASE(4)
-    default:
-      return;
+  if (a.tw == 1) return spmv(a, row_begin, row_end);
+  switch (a.tw / V::lanes) {
+    case 1: return spmm_nv<V, 1>(a, tile, row_begin, row_end);
+    case 2: return spmm_nv<V, 2>(a, tile, row_begin, row_end);
+    case 3: return spmm_nv<V, 3>(a, tile, row_begin, row_end);
+    case 4: return spmm_nv<V, 4>(a, tile, row_begin, row_end);
+    default: return;
   }
-#undef AS_SPMM_CASE
+}
+
+// scatter: the input gradient through W's own rows (no transposed pattern, no permutation):
+// for W's row r, its tile row of the output gradient g stays in registers while each
+// non-zero k adds value_k * g into row col_k of an (in_features x TW) accumulation tile.
+template <typename V, int NV>
+void scatter_nv(const ScatterArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
+                typename V::T* acc_tile) {
+  using T = typename V::T;
+  constexpr int W = V::lanes;
+  constexpr int TW = NV * W;
+  const T* rows = a.packed_rows + tile * a.rows_k * TW;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    typename V::reg g[NV];
+    for (int v = 0; v < NV; ++v) g[v] = V::load(rows + r * TW + v * W);
+    const int32_t begin = a.crow[r], end = a.crow[r + 1];
+    for (int32_t k = begin; k < end; ++k) {
+      const typename V::reg w = V::set1(a.values[k]);
+      T* dst = acc_tile + static_cast<int64_t>(a.col[k]) * TW;
+      for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
+    }
+  }
+}
+
+template <typename V>
+void scatter(const ScatterArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
+             typename V::T* acc_tile) {
+  if (a.tw == 1) return scatter_one(a, row_begin, row_end, acc_tile);
+  switch (a.tw / V::lanes) {
+    case 1: return scatter_nv<V, 1>(a, tile, row_begin, row_end, acc_tile);
+    case 2: return scatter_nv<V, 2>(a, tile, row_begin, row_end, acc_tile);
+    case 3: return scatter_nv<V, 3>(a, tile, row_begin, row_end, acc_tile);
+    case 4: return scatter_nv<V, 4>(a, tile, row_begin, row_end, acc_tile);
+    default: return;
+  }
 }
 
 template <typename V, int NV>
@@ -94,11 +180,26 @@ void sddmm_nv(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin
   constexpr int TW = NV * W;
   const T* rows = a.packed_rows + tile * a.rows_k * TW;
   const T* cols = a.packed_cols + tile * a.cols_k * TW;
+  constexpr int L = V::lanes;
   for (int64_t r = row_begin; r < row_end; ++r) {
     typename V::reg g[NV];
     for (int v = 0; v < NV; ++v) g[v] = V::load(rows + r * TW + v * W);
     const int32_t begin = a.crow[r], end = a.crow[r + 1];
-    for (int32_t k = begin; k < end; ++k) {
+    int32_t k = begin;
+    // L non-zeros at a time: their L dot products leave as one vector (a transposing
+    // reduction), not L separate horizontal sums.
+    for (; k + L <= end; k += L) {
+      typename V::reg acc[L];
+      for (int j = 0; j < L; ++j) {
+        const T* src = cols + static_cast<int64_t>(a.col[k + j]) * TW;
+        acc[j] = V::mul(g[0], V::load(src));
+        for (int v = 1; v < NV; ++v) acc[j] = V::fmadd(g[v], V::load(src + v * W), acc[j]);
+      }
+      typename V::reg dots = V::reduce_lanes(acc);
+      if (accumulate) dots = V::add(dots, V::loadu(a.grad_values + k));
+      V::storeu(a.grad_values + k, dots);
+    }
+    for (; k < end; ++k) {
       const T* src = cols + static_cast<int64_t>(a.col[k]) * TW;
       typename V::reg acc = V::mul(g[0], V::load(src));
       for (int v = 1; v < NV; ++v) acc = V::fmadd(g[v], V::load(src + v * W), acc);
@@ -111,6 +212,7 @@ void sddmm_nv(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin
 template <typename V>
 void sddmm(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
            bool accumulate) {
+  if (a.tw == 1) return sddmm_one(a, row_begin, row_end, accumulate);
   switch (a.tw / V::lanes) {
     case 1: return sddmm_nv<V, 1>(a, tile, row_begin, row_end, accumulate);
     case 2: return sddmm_nv<V, 2>(a, tile, row_begin, row_end, accumulate);
@@ -122,7 +224,7 @@ void sddmm(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, i
 
 template <typename V>
 KernelTable<typename V::T> make_table() {
-  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &sddmm<V>};
+  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &sddmm<V>, &scatter<V>};
 }
 
 }  // namespace impl
