@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 from actuallysparse.layers import SparseLayer
 
+MIB = 2**20
+"""Bytes in a mebibyte: every MiB figure of the package and its harness divides by this."""
+
 CATEGORIES = ("values", "indices", "caches", "bias", "parameters", "masks", "copies", "buffers", "gradients")
 _SPARSE_INDEX_NAMES = {"indices", "row_indices", "col_indices"}
 _WEIGHT_NAMES = {"weight", "bias"}

@@ -82,6 +82,16 @@ def record_successor(old: Tensor, new: Tensor, keep_index: Tensor | None) -> Non
     setattr(old, _SUCCESSOR_ATTR, (new, keep_index))
 
 
+def abandon_successor(param: Tensor) -> None:
+    """Forget that ``param`` was replaced, so no optimizer holding it is ever remapped.
+
+    Only to reproduce the thesis's orphaned-optimizer bug: an optimizer holding ``param`` then
+    steps a copy the layer no longer uses.
+    """
+    if hasattr(param, _SUCCESSOR_ATTR):
+        delattr(param, _SUCCESSOR_ATTR)
+
+
 def remap_known_optimizers() -> None:
     """Remap orphans in every optimizer that has stepped (see :data:`_known_optimizers`)."""
     if not _remapping_enabled:

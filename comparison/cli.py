@@ -16,31 +16,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from comparison.config import ConfigError, RunConfig, load_config_file
+from comparison.config import (
+    DATASETS,
+    DEVICES,
+    OPTIMIZERS,
+    SCHEDULES,
+    SCOPES,
+    ConfigError,
+    RunConfig,
+    load_config_file,
+)
+from comparison.files import DirectoryBusyError
+from comparison.methods import available_methods
+
+def _one_of(choices) -> str:
+    return "one of " + ", ".join(choices)
+
 
 # (flag, field, help). Values go through RunConfig.from_mapping, which converts and validates
-# them and lists the valid choices in its errors.
+# them and lists the valid choices in its errors; the choices shown here are the same tuples.
 CONFIG_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("--dataset", "dataset", "digits (embedded), cifar10 or cifar100"),
+    ("--dataset", "dataset", f"{_one_of(DATASETS)} ({DATASETS[0]} is embedded)"),
     ("--data-dir", "data_dir", "folder holding cifar-10-batches-py/ or cifar-100-python/"),
-    ("--methods", "methods", "comma-separated: dense,actuallysparse,nni,torch-prune"),
+    ("--methods", "methods", "comma-separated, any of " + ", ".join(sorted(available_methods()))),
     ("--sparsities", "sparsities", "comma-separated final target sparsities in (0, 1)"),
     ("--seeds", "seeds", "comma-separated seeds; each has its own baseline"),
-    ("--scope", "scope", "classifier (Linear layers) or all (Linear and Conv2d)"),
+    ("--scope", "scope", f"{_one_of(SCOPES)}: the layers pruned ({SCOPES[0]}: the Linear layers)"),
     ("--width", "width", "VGG channel multiplier; 1.0 is the real VGG11_bn"),
     ("--init", "init", "state dict for the baseline (PyTorch_CIFAR10 vgg11_bn.pt); skips pretraining"),
     ("--pretrain-epochs", "pretrain_epochs", "dense epochs that train the baseline"),
     ("--steps", "steps", "pruning steps from 0 to the target"),
     ("--epochs-per-step", "epochs_per_step", "fine-tuning epochs after each pruning step"),
-    ("--schedule", "schedule", "cubic or linear per-step targets"),
+    ("--schedule", "schedule", f"{_one_of(SCHEDULES)}: the per-step targets"),
+    ("--step-targets", "step_targets", "comma-separated per-step targets of the explicit schedule"),
     ("--batch-size", "batch_size", "training batch size (also the large latency batch)"),
-    ("--optimizer", "optimizer", "adam or sgd"),
+    ("--optimizer", "optimizer", _one_of(OPTIMIZERS)),
     ("--lr", "lr", "learning rate"),
     ("--limit-train", "limit_train", "use only the first N training samples"),
     ("--limit-test", "limit_test", "use only the first N test samples"),
-    ("--device", "device", "cpu or cuda"),
+    ("--device", "device", _one_of(DEVICES)),
     ("--threads", "threads", "torch threads for training and timing (0: all cores)"),
     ("--latency-repeats", "latency_repeats", "timed repetitions per latency measurement"),
+    ("--probe-memory", "probe_memory", "true or false: measure a fresh process's peak memory at every step"),
     ("--out", "out", "results directory (default: runs/<dataset>-<run id>)"),
 )
 
@@ -95,6 +112,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run again the cells recorded as failed")
     parser.add_argument("--no-plots", action="store_true", help="skip drawing the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="if another run holds --out, wait up to this long for it (default: refuse at once)")
 
 
 def _run_main(args: argparse.Namespace) -> int:
@@ -102,7 +121,7 @@ def _run_main(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = run(config, retry_failed=args.retry_failed, progress=not args.no_progress,
-                 make_plots=not args.no_plots)
+                 make_plots=not args.no_plots, wait_s=args.wait)
     return 1 if result.failed else 0
 
 
@@ -158,20 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the process exit status."""
+    """Parse ``argv`` and run the command; returns the process exit status.
+
+    Every error the command can meet ends as one line on stderr (what was given, what was
+    expected, what to do) and exit status 2; ``COMPARISON_TRACEBACK=1`` shows the traceback
+    instead. Ctrl-C exits with 130; finished cells are kept.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
-    except (FileNotFoundError, ValueError) as error:
-        # Missing data, a results directory of other settings, a bad --init file: say it plainly
-        # (COMPARISON_TRACEBACK=1 shows where it came from).
-        if os.environ.get("COMPARISON_TRACEBACK"):
-            raise
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as error:  # one line for people; the traceback on request
+        if os.environ.get("COMPARISON_TRACEBACK"):
+            raise
+        print(f"{parser.prog} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line, prefixed by its kind where the kind says something."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ConfigError, ValueError, FileNotFoundError, DirectoryBusyError)):
+        return text
+    if isinstance(error, PermissionError):
+        return f"permission denied: {error.filename or text}; choose a writable --out"
+    if isinstance(error, OSError):
+        return f"{text}" + (f" ({error.filename})" if error.filename and str(error.filename) not in text else "")
+    return (f"{type(error).__name__}: {text} (an unexpected error; COMPARISON_TRACEBACK=1 shows where it "
+            f"happened)")

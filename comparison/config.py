@@ -11,23 +11,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from comparison.data import DATASETS
 from comparison.methods import available_methods
+from comparison.methods.base import SCOPES
 
-DATASETS = ("digits", "cifar10", "cifar100")
-SCOPES = ("classifier", "all")
-SCHEDULES = ("cubic", "linear")
+# The choice lists of a run, each defined once: the CLI's help, the validation and the error
+# messages all read these (and tests check README against them).
+SCHEDULES = ("cubic", "linear", "explicit")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 DEFAULT_METHODS = ("dense", "actuallysparse", "nni", "torch-prune")
 
 # The grid axes are columns of the results table; leaving them (and where things live on disk)
 # out of the run id lets a later run add seeds, sparsities or methods to an existing results dir.
-RUN_ID_EXCLUDES = ("methods", "sparsities", "seeds", "out", "data_dir", "download")
+RUN_ID_EXCLUDES = ("methods", "sparsities", "seeds", "out", "data_dir", "download", "experiment", "baseline_dir")
 # What decides the baseline weights; anything else may change without retraining the baseline.
 _BASELINE_KEYS = (
     "dataset", "width", "init", "pretrain_epochs", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "limit_train", "device",
 )
+
+
+# Fields added after results directories existed: left out of the run id at their default.
+_COUNTED_WHEN_SET: dict[str, Any] = {"step_targets": [], "probe_memory": True}
 
 
 class ConfigError(ValueError):
@@ -58,7 +64,10 @@ class RunConfig:
         pretrain_epochs: dense epochs that make the baseline.
         steps: number of pruning steps; step ``t`` prunes to ``schedule(t)`` then fine-tunes.
         epochs_per_step: fine-tuning epochs after each pruning step.
-        schedule: ``cubic`` (Zhu & Gupta 2017) or ``linear``, from 0 to the target.
+        schedule: ``cubic`` (Zhu & Gupta 2017) or ``linear``, from 0 to the target, or
+            ``explicit``: the per-step targets are ``step_targets``.
+        step_targets: the targets of an ``explicit`` schedule, one per step, non-decreasing;
+            the last is the cell's target (so ``sparsities`` must be that one value).
         batch_size: training batch size; also the large latency batch.
         optimizer: ``adam`` or ``sgd``; made the same way for every method.
         lr: learning rate of pretraining and fine-tuning.
@@ -69,7 +78,12 @@ class RunConfig:
         device: ``cpu`` or ``cuda``.
         threads: torch intra-op threads for training and timing; 0 means every available core.
         latency_repeats: timed repetitions per latency measurement (median reported).
+        probe_memory: measure the peak memory of a fresh process that loads the model at every
+            step (``peak_rss_bytes``, ``model_rss_bytes``); it costs a few seconds per step.
         out: results directory; ``None`` means ``runs/<dataset>-<run_id>``.
+        experiment: the ``experiment`` column of every row (``run`` for a plain run).
+        baseline_dir: where cached baselines live; ``None`` means ``<out>/baselines``. Runs
+            that share it (the thesis reproduction's experiments) train each baseline once.
 
     Example::
 
@@ -91,6 +105,7 @@ class RunConfig:
     steps: int = 3
     epochs_per_step: int = 1
     schedule: str = "cubic"
+    step_targets: tuple[float, ...] = ()
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -101,13 +116,17 @@ class RunConfig:
     device: str = "cpu"
     threads: int = 0
     latency_repeats: int = 5
+    probe_memory: bool = True
     out: str | None = field(default=None, compare=False)
+    experiment: str = "run"
+    baseline_dir: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences so that a config built from a list hashes like one built from a tuple.
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "step_targets", tuple(float(s) for s in self.step_targets))
         self.validate()
 
     def validate(self) -> None:
@@ -135,6 +154,7 @@ class RunConfig:
             if seed < 0:
                 raise ConfigError(f"seed {seed} is negative; seeds are integers >= 0")
         _unique("seeds", self.seeds)
+        self._validate_step_targets()
         if not (math.isfinite(self.width) and self.width > 0):
             raise ConfigError(f"width {self.width} must be a positive number (1.0 is the real VGG11_bn)")
         _at_least("pretrain_epochs", self.pretrain_epochs, 0)
@@ -154,14 +174,35 @@ class RunConfig:
                 f"weight_decay {self.weight_decay} must be >= 0 and momentum {self.momentum} in [0, 1)"
             )
 
+    def _validate_step_targets(self) -> None:
+        if self.schedule != "explicit":
+            if self.step_targets:
+                raise ConfigError(f"step_targets {list(self.step_targets)} given with schedule {self.schedule!r}; "
+                                  f"they need schedule 'explicit'")
+            return
+        targets = self.step_targets
+        if len(targets) != self.steps:
+            raise ConfigError(f"schedule 'explicit' needs one step target per step: steps={self.steps}, "
+                              f"step_targets has {len(targets)}")
+        if any(not 0.0 < t < 1.0 for t in targets) or any(b < a for a, b in zip(targets, targets[1:])):
+            raise ConfigError(f"step_targets {list(targets)} must be non-decreasing fractions in (0, 1)")
+        if self.sparsities != (targets[-1],):
+            raise ConfigError(f"schedule 'explicit' ends at {targets[-1]}, so sparsities must be just that one "
+                              f"target; got {list(self.sparsities)}")
+
     @property
     def run_id(self) -> str:
         """Short digest of every setting that decides a cell's results.
 
         The grid axes (methods, sparsities, seeds) are not part of it: they are columns of the
         results table, so cells of different axes values under one run id are comparable.
+        Fields added after the first release count only when set, so older run ids still hold.
         """
-        return _digest({k: v for k, v in self.to_dict().items() if k not in RUN_ID_EXCLUDES})
+        values = {k: v for k, v in self.to_dict().items() if k not in RUN_ID_EXCLUDES}
+        for key, default in _COUNTED_WHEN_SET.items():
+            if values.get(key) == default:
+                values.pop(key)
+        return _digest(values)
 
     def baseline_id(self) -> str:
         """Digest of the settings that decide the baseline weights (seed excluded)."""
@@ -258,12 +299,15 @@ def _at_least(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-_LIST_TYPES = {"methods": str, "sparsities": float, "seeds": int}
+_LIST_TYPES = {"methods": str, "sparsities": float, "seeds": int, "step_targets": float}
 _SCALAR_TYPES = {
     "width": float, "lr": float, "momentum": float, "weight_decay": float,
     "pretrain_epochs": int, "steps": int, "epochs_per_step": int, "batch_size": int,
     "threads": int, "latency_repeats": int, "limit_train": int, "limit_test": int,
 }
+
+
+_OPTIONAL_SCALARS = ("limit_train", "limit_test")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -278,18 +322,20 @@ def _coerce(key: str, value: Any) -> Any:
                          if str(item).strip() != "")
         if key in _SCALAR_TYPES:
             if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
-                return None
+                if key in _OPTIONAL_SCALARS:
+                    return None
+                raise ValueError(f"{key} needs a number; only {', '.join(_OPTIONAL_SCALARS)} may be none")
             cast = _SCALAR_TYPES[key]
             if cast is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not a whole number")
             return cast(value)
-        if key == "download":
+        if key in ("download", "probe_memory"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError("expected true or false")
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if key in ("init", "out") and value in (None, ""):
+        if key in ("init", "out", "baseline_dir") and value in (None, ""):
             return None
         return str(value) if value is not None else None
     except (TypeError, ValueError) as error:

@@ -37,6 +37,8 @@ CIFAR_LAYOUT = {
         "num_classes": 100,
     },
 }
+# Every data set the harness reads: the embedded one first (the default), then the CIFAR ones.
+DATASETS = ("digits",) + tuple(CIFAR_LAYOUT)
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -123,7 +125,7 @@ def load_dataset(
     elif name in CIFAR_LAYOUT:
         dataset = load_cifar(name, data_dir, download=download)
     else:
-        raise ValueError(f"unknown dataset {name!r}; valid choices: digits, {', '.join(CIFAR_LAYOUT)}")
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
     return Dataset(dataset.name, dataset.train.head(limit_train), dataset.test.head(limit_test), dataset.num_classes)
 
 

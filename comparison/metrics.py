@@ -17,6 +17,7 @@ from torch import nn
 
 from actuallysparse.memory import stored_bytes
 from comparison.data import IMAGE_SHAPE
+from comparison.device import synchronize
 
 PROBE_TIMEOUT_S = 600
 
@@ -57,10 +58,10 @@ def latency_ms(
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     for index in range(warmup + repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         model(x)
-        _synchronize(device)
+        synchronize(device)
         if index >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
@@ -142,9 +143,3 @@ def probe_process_memory(
     if "cuda_max_allocated_bytes" in result:
         rows.append(Measurement("cuda_max_allocated_bytes", result["cuda_max_allocated_bytes"], "bytes"))
     return rows
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA runs asynchronously; without this the timer would stop before the kernels finish.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

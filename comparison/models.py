@@ -125,7 +125,12 @@ def load_init(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init file {path} does not exist; expected a vgg11_bn state dict (.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"--init file {path} is not a PyTorch checkpoint that loads safely "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                         f"expected a vgg11_bn state dict (.pt)") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

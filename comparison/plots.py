@@ -11,12 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from comparison.summary import MIB, final_values, latency_batch_sizes, seed_stats  # noqa: E402
+from actuallysparse.memory import MIB  # noqa: E402
+from comparison.summary import final_values, is_reference, latency_batch_sizes, seed_stats  # noqa: E402
 
-METHOD_COLORS = {"dense": "black", "actuallysparse": "tab:green", "nni": "tab:orange", "torch-prune": "tab:blue"}
-# Masking methods often hold identical bytes; distinct markers and dashes keep both lines visible.
-METHOD_STYLES = {"actuallysparse": ("o", "-"), "nni": ("^", "-"), "torch-prune": ("v", "--")}
-_FALLBACK_COLORS = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+# A method's look follows from its name's place in the sorted list of known names, so it is the
+# same in every plot of every run. Masking methods often hold identical bytes; distinct markers
+# and dashes keep overlapping lines visible.
+_COLORS = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan", "tab:gray"]
+_STYLES = [("o", "-"), ("^", "-"), ("v", "--"), ("s", "-."), ("D", ":"), ("P", "--")]
 
 
 def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
@@ -45,12 +48,21 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def method_color(method: str, methods: list[str]) -> str:
-    """A fixed colour for the known methods, a stable one from a cycle for others."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    others = [m for m in methods if m not in METHOD_COLORS]
-    return _FALLBACK_COLORS[others.index(method) % len(_FALLBACK_COLORS)] if method in others else "gray"
+def _method_index(method: str) -> int:
+    from comparison.methods import available_methods
+
+    names = sorted(name for name, cls in available_methods().items() if cls.prunes)
+    return names.index(method) if method in names else len(names) + sum(map(ord, method))
+
+
+def method_color(method: str, reference: bool = False) -> str:
+    """The colour of ``method`` in every plot (black for a reference that never prunes)."""
+    return "black" if reference else _COLORS[_method_index(method) % len(_COLORS)]
+
+
+def method_style(method: str) -> tuple[str, str]:
+    """``(marker, linestyle)`` of ``method`` in every plot."""
+    return _STYLES[_method_index(method) % len(_STYLES)]
 
 
 def _against_sparsity(axis, final: pd.DataFrame, metric: str, scale: float = 1.0) -> bool:
@@ -63,13 +75,14 @@ def _against_sparsity(axis, final: pd.DataFrame, metric: str, scale: float = 1.0
         rows = stats[stats["method"] == method].sort_values("target_sparsity")
         if rows.empty:
             continue
-        color = method_color(method, methods)
-        if method == "dense" or (rows["target_sparsity"] == 0).all():
+        reference = is_reference(final, method)
+        color = method_color(method, reference)
+        if reference:
             mean = rows["mean"].iloc[0] / scale
             axis.axhline(mean, color=color, linestyle="--", label=f"{method} (unpruned)")
             continue
         rows = rows[rows["target_sparsity"] > 0]
-        marker, linestyle = METHOD_STYLES.get(method, ("o", "-"))
+        marker, linestyle = method_style(method)
         axis.errorbar(rows["target_sparsity"], rows["mean"] / scale, yerr=rows["std"] / scale,
                       marker=marker, linestyle=linestyle, capsize=3, color=color, label=method)
     _sparsity_axis(axis, final)
@@ -150,9 +163,9 @@ def plot_accuracy_vs_bytes(final: pd.DataFrame):
         rows = merged[merged["method"] == method].sort_values("target_sparsity")
         if rows.empty:
             continue
-        marker, linestyle = METHOD_STYLES.get(method, ("s", "-"))
+        marker, linestyle = method_style(method)
         axis.errorbar(rows["mean_bytes"] / MIB, rows["mean_acc"], xerr=rows["std_bytes"] / MIB,
-                      yerr=rows["std_acc"], marker=marker, capsize=3, color=method_color(method, methods),
+                      yerr=rows["std_acc"], marker=marker, capsize=3, color=method_color(method, is_reference(final, method)),
                       label=method, linestyle=linestyle if len(rows) > 1 else "none")
         for row in rows.itertuples():
             axis.annotate(f"{row.target_sparsity:g}", (row.mean_bytes / MIB, row.mean_acc),

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from comparison.device import synchronize
+
     for module in filter(None, args.preimport.split(",")):
         importlib.import_module(module)
     torch.set_num_threads(args.threads)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_was_reset": peak_was_reset,
     }
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         result["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     print(json.dumps(result))
     return 0

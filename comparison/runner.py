@@ -26,8 +26,18 @@ from tqdm.auto import tqdm
 from comparison import records
 from comparison.config import RUN_ID_EXCLUDES, RunConfig
 from comparison.data import Dataset, derive_seed, load_dataset
+from comparison.device import resolve_device
 from comparison.environment import available_cores, environment_columns
-from comparison.methods import Method, make_method, target_layer_names
+from comparison.files import (
+    DirectoryLock,
+    move_aside,
+    remove_stale_temporaries,
+    save_torch_atomic,
+    sha256_of,
+    write_json_atomic,
+    write_text_atomic,
+)
+from comparison.methods import Method, available_methods, make_method, target_layer_names
 from comparison.metrics import (
     Measurement,
     checkpoint_bytes,
@@ -71,20 +81,22 @@ class RunResult:
 
 
 def planned_cells(config: RunConfig) -> list[Cell]:
-    """The cells of ``config``: one ``dense`` cell per seed (target 0), else one per (method, sparsity, seed)."""
+    """The cells of ``config``: one target-0 cell per seed for a method that never prunes, else
+    one per (method, sparsity, seed)."""
+    methods = available_methods()
     cells = []
     for seed in config.seeds:
         for method in config.methods:
-            targets = (0.0,) if method == "dense" else config.sparsities
+            targets = config.sparsities if methods[method].prunes else (0.0,)
             cells.extend(Cell(method, target, seed) for target in targets)
     return cells
 
 
-def resolve_device(config: RunConfig) -> torch.device:
-    """The torch device of ``config``; raises ValueError when CUDA is asked for but absent."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu")
-    return torch.device(config.device)
+def step_targets(config: RunConfig, target_sparsity: float) -> list[float]:
+    """The per-step targets of a cell whose final target is ``target_sparsity``."""
+    if config.schedule == "explicit":
+        return list(config.step_targets)
+    return sparsity_schedule(target_sparsity, config.steps, config.schedule)
 
 
 def resolve_threads(config: RunConfig) -> int:
@@ -99,20 +111,48 @@ def build_model(config: RunConfig, num_classes: int, seed: int) -> VGG:
 
 def baseline_path(out_dir: Path, config: RunConfig, seed: int) -> Path:
     """Cache file of the baseline for ``seed`` (named by the settings that decide it)."""
-    return out_dir / "baselines" / f"seed-{seed}__{config.baseline_id()}.pt"
+    directory = Path(config.baseline_dir) if config.baseline_dir else out_dir / "baselines"
+    return directory / f"seed-{seed}__{config.baseline_id()}.pt"
+
+
+def _cached_baseline(path: Path, echo: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """The state dict cached at ``path`` if it is whole; a damaged one is moved aside (and retrained)."""
+    if not path.is_file():
+        return None
+    checksum = path.with_name(path.name + ".sha256")
+    problem = None
+    if not checksum.is_file():
+        problem = f"baseline {path} has no checksum file {checksum.name} (its write did not finish)"
+    elif checksum.read_text(encoding="utf-8", errors="replace").strip() != sha256_of(path):
+        problem = f"baseline {path} does not match its checksum (damaged after it was written)"
+    else:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except Exception as error:  # any unreadable checkpoint is retrained, not fatal
+            problem = f"baseline {path} cannot be loaded ({type(error).__name__}: {error})"
+    moved = move_aside(path, problem)
+    if checksum.is_file():
+        move_aside(checksum, problem)
+    echo(f"warning: {problem}; moved it to {moved}; training the baseline again")
+    return None
 
 
 def load_or_train_baseline(
-    config: RunConfig, seed: int, data: Dataset, *, device: torch.device, out_dir: Path, progress: bool = True
+    config: RunConfig, seed: int, data: Dataset, *, device: torch.device, out_dir: Path, progress: bool = True,
+    echo: Callable[[str], None] = print,
 ) -> dict[str, torch.Tensor]:
     """The baseline state dict for ``seed``: from the cache, from ``config.init``, or trained now and cached.
+
+    The cache file is written atomically with a checksum beside it; a cached file that fails
+    the checksum or does not load is named, moved aside and retrained.
 
     Raises:
         NonFiniteLossError: pretraining diverged.
     """
     path = baseline_path(out_dir, config, seed)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    cached = _cached_baseline(path, echo)
+    if cached is not None:
+        return cached
     model = build_model(config, data.num_classes, seed).to(device)
     history: list[EpochResult] = []
     if config.init:
@@ -129,7 +169,8 @@ def load_or_train_baseline(
         "test_loss": result.loss,
         "train_loss": [epoch.mean_loss for epoch in history],
     }
-    _atomic_torch_save(payload, path)
+    save_torch_atomic(payload, path)
+    write_text_atomic(path.with_name(path.name + ".sha256"), sha256_of(path) + "\n")
     return state
 
 
@@ -169,7 +210,7 @@ def run_cell(
         model = method.prepare(model, target_layer_names(model, config.scope))
         # After prepare, always: NNI's wrapping replaces the Parameters an earlier optimizer held.
         optimizer = make_optimizer(model.parameters(), config)
-        schedule = sparsity_schedule(cell.target_sparsity, config.steps, config.schedule)
+        schedule = step_targets(config, cell.target_sparsity)
         add(_measure_step(config, method, model, optimizer, data, None, 0.0, device, threads, scratch_dir))
         add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
         bar.update()
@@ -237,12 +278,90 @@ def _measure_step(
         rows.append(Measurement(latency_metric(batch_size),
                                 latency_ms(model, batch_size, repeats=config.latency_repeats, device=device), "ms"))
     rows.append(Measurement("checkpoint_bytes", checkpoint_bytes(model, scratch_dir), "bytes"))
+    if not config.probe_memory:
+        return rows
     try:
         rows += probe_process_memory(model, batch_size=config.batch_size, threads=threads, device=config.device,
                                      preimport=method.runtime_modules, directory=scratch_dir)
     except Exception as error:  # a failed probe loses one number, not the cell's training
         rows.append(Measurement("peak_rss_bytes", math.nan, "bytes", f"probe failed: {type(error).__name__}: {error}"))
     return rows
+
+
+@dataclass
+class RunPlan:
+    """A validated run: what it computes and where. Making one touches no file.
+
+    Attributes:
+        config: the run's settings.
+        device, threads: where and with how many threads it computes.
+        cells: every planned cell, in order.
+        statuses: ``missing`` / ``finished`` / ``failed`` / ``damaged`` per cell, as found.
+    """
+
+    config: RunConfig
+    device: torch.device
+    threads: int
+    cells: list[Cell]
+    statuses: dict[Cell, str]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.config.out_dir
+
+    def to_run(self, retry_failed: bool) -> list[Cell]:
+        """The cells still to compute: missing and damaged ones (and failed ones with ``retry_failed``)."""
+        again = {"missing", "damaged"} | ({"failed"} if retry_failed else set())
+        return [cell for cell in self.cells if self.statuses[cell] in again]
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Check everything a run needs before it touches its directory, and list its cells.
+
+    Raises:
+        ValueError: a bad device, an ``--init`` file that does not load into the model, a
+            results directory (or file) of other settings, an unreadable ``config.json``.
+    """
+    device = resolve_device(config.device)
+    if config.init:
+        load_init(build_model(config, _num_classes(config), seed=0), config.init)
+    check_out_dir(config)
+    cells = planned_cells(config)
+    statuses = {cell: records.cell_status(config.out_dir, cell, config.run_id) for cell in cells}
+    return RunPlan(config, device, resolve_threads(config), cells, statuses)
+
+
+def _num_classes(config: RunConfig) -> int:
+    return 100 if config.dataset == "cifar100" else 10
+
+
+def check_out_dir(config: RunConfig) -> None:
+    """Refuse a results directory that is a file, or that holds results of other settings (reads only)."""
+    out_dir = config.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory; give a directory for the results")
+    config_file = out_dir / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        previous = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise records.CorruptResultsError(
+            f"{config_file} is not valid JSON ({error}); it should hold this directory's settings: "
+            f"move it away if the cells are yours, or use another --out") from error
+    if not isinstance(previous, dict) or not isinstance(previous.get("config", {}), dict):
+        raise records.CorruptResultsError(
+            f"{config_file} holds a {type(previous).__name__}, expected an object with run_id and config; "
+            f"move it away or use another --out")
+    if previous.get("run_id") != config.run_id:
+        changed = sorted(
+            key for key, value in config.to_dict().items()
+            if previous.get("config", {}).get(key) != value and key not in RUN_ID_EXCLUDES
+        )
+        raise ValueError(
+            f"{out_dir} holds results of run {previous.get('run_id')}, not of this run {config.run_id} "
+            f"(settings differ: {', '.join(changed) or 'unknown'}); use another --out"
+        )
 
 
 def run(
@@ -252,54 +371,94 @@ def run(
     progress: bool = True,
     make_plots: bool = True,
     echo: Callable[[str], None] = print,
+    wait_s: float = 0.0,
 ) -> RunResult:
     """Run every planned cell of ``config`` not finished yet, then write the table, summary and plots.
+
+    The steps: :func:`plan_run` validates everything (nothing is written if it refuses); the
+    data set is loaded; the directory is locked (:class:`~comparison.files.DirectoryLock`),
+    cleared of a killed run's scratch files and damaged cells, and claimed; the cells run
+    (:func:`execute_cells`); the table, summary and plots are written (:func:`write_outputs`).
 
     Args:
         retry_failed: run again the cells recorded as failed (default: keep their failure).
         progress: show tqdm progress bars.
         make_plots: draw the PNG plots at the end.
-        echo: where to print the configuration and the summary.
+        echo: where to print the configuration, warnings and the summary.
+        wait_s: how long to wait for another run holding the directory (default: refuse at once).
 
     Returns:
         A :class:`RunResult`.
 
     Raises:
-        ValueError: the results directory belongs to other settings, or a bad device.
-        DatasetNotFoundError: the data set is missing.
+        ValueError: invalid settings, a results directory of other settings, a bad device or
+            ``--init``; DirectoryBusyError: another live run holds the directory;
+            DatasetNotFoundError: the data set is missing.
     """
-    out_dir = config.out_dir
-    device = resolve_device(config)
-    threads = resolve_threads(config)
-    _claim_out_dir(out_dir, config)
-    cells = planned_cells(config)
-    statuses = {cell: records.cell_status(out_dir, cell, config.run_id) for cell in cells}
-    echo(config.describe())
-
+    plan = plan_run(config)
     data = load_dataset(config.dataset, config.data_dir, download=config.download,
                         limit_train=config.limit_train, limit_test=config.limit_test)
-    environment = environment_columns(config.run_id, config.dataset, device, threads)
-    records.write_text_atomic(out_dir / "environment.json", json.dumps(
-        {**environment, "cores": available_cores(), "python": sys.version.split()[0],
-         "train_samples": len(data.train), "test_samples": len(data.test)}, indent=2) + "\n")
+    echo(config.describe())
+    with DirectoryLock(plan.out_dir, wait_s=wait_s) as lock:
+        if lock.took_over:
+            echo(f"note: took over the lock of {plan.out_dir} left by process {lock.took_over.get('pid')}, "
+                 f"which is gone")
+        for path in remove_stale_temporaries(plan.out_dir):
+            echo(f"note: removed {path}, left by an interrupted run")
+        records.verified_cell_paths(plan.out_dir, echo)
+        plan = plan_run(config)  # again under the lock: another run may have finished cells meanwhile
+        claim_out_dir(plan)
+        environment = write_environment(plan, data)
+        result = execute_cells(plan, data, environment, retry_failed=retry_failed, progress=progress, echo=echo)
+        write_outputs(result, plan, make_plots=make_plots, echo=echo)
+    return result
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+
+def claim_out_dir(plan: RunPlan) -> None:
+    """Record the run's settings in ``config.json`` (the directory was checked by :func:`plan_run`)."""
+    write_json_atomic(plan.out_dir / "config.json", {"run_id": plan.config.run_id, "config": plan.config.to_dict()})
+
+
+def write_environment(plan: RunPlan, data: Dataset) -> dict[str, object]:
+    """The environment columns of every row; also written to ``environment.json``."""
+    config = plan.config
+    environment = {**environment_columns(config.run_id, config.dataset, plan.device, plan.threads),
+                   "experiment": config.experiment}
+    write_json_atomic(plan.out_dir / "environment.json", {
+        **environment, "cores": available_cores(), "python": sys.version.split()[0],
+        "train_samples": len(data.train), "test_samples": len(data.test)})
+    return environment
+
+
+def execute_cells(
+    plan: RunPlan,
+    data: Dataset,
+    environment: dict[str, object],
+    *,
+    retry_failed: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Run the cells of ``plan`` still to compute, writing each cell's file as soon as it ends."""
+    config, out_dir = plan.config, plan.out_dir
     result = RunResult(out_dir, out_dir / records.RESULTS_FILE)
+    to_run = plan.to_run(retry_failed)
+    for cell in plan.cells:
+        if cell not in to_run:
+            result.statuses[cell] = "skipped"
+    if len(to_run) < len(plan.cells):
+        echo(f"{len(plan.cells) - len(to_run)} of {len(plan.cells)} cells already done in {out_dir}; "
+             f"running {len(to_run)}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    baselines: dict[int, dict[str, torch.Tensor] | NonFiniteLossError] = {}
     try:
-        to_run = [cell for cell in cells if statuses[cell] == "missing" or (retry_failed and statuses[cell] == "failed")]
-        for cell in cells:
-            if cell not in to_run:
-                result.statuses[cell] = "skipped"
-        if len(to_run) < len(cells):
-            echo(f"{len(cells) - len(to_run)} of {len(cells)} cells already done in {out_dir}; running {len(to_run)}")
-        baselines: dict[int, dict[str, torch.Tensor] | NonFiniteLossError] = {}
         with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
             for cell in tqdm(to_run, desc="cells", disable=not progress, unit="cell"):
                 if cell.seed not in baselines:
                     try:
-                        baselines[cell.seed] = load_or_train_baseline(config, cell.seed, data, device=device,
-                                                                      out_dir=out_dir, progress=progress)
+                        baselines[cell.seed] = load_or_train_baseline(config, cell.seed, data, device=plan.device,
+                                                                      out_dir=out_dir, progress=progress, echo=echo)
                     except NonFiniteLossError as error:  # this seed's cells fail; other seeds go on
                         baselines[cell.seed] = error
                 baseline = baselines[cell.seed]
@@ -307,59 +466,32 @@ def run(
                     reason = f"baseline training failed: {type(baseline).__name__}: {baseline} (try a smaller --lr)"
                     rows = [records.make_row(cell, 0, records.FAILED_METRIC, 1.0, "flag", reason, environment)]
                 else:
-                    rows = run_cell(config, cell, baseline, data, environment, device=device, threads=threads,
-                                    scratch_dir=Path(scratch), progress=progress)
-                records.write_rows(records.cell_path(out_dir, cell), rows)
+                    rows = run_cell(config, cell, baseline, data, environment, device=plan.device,
+                                    threads=plan.threads, scratch_dir=Path(scratch), progress=progress)
+                records.write_cell(records.cell_path(out_dir, cell), rows)
                 failed = any(row["metric"] == records.FAILED_METRIC for row in rows)
                 result.statuses[cell] = "failed" if failed else "finished"
     finally:
         torch.set_num_threads(previous_threads)
         # Whatever happened, the table holds every cell finished so far.
-        records.write_rows(result.table_path, records.collect_cells(out_dir, cells, config.run_id))
+        records.write_rows(result.table_path, records.collect_cells(out_dir, plan.cells, config.run_id))
+    return result
 
+
+def write_outputs(result: RunResult, plan: RunPlan, *, make_plots: bool = True,
+                  echo: Callable[[str], None] = print) -> None:
+    """Write ``summary.md`` (and the plots) from the results table, and say where everything is."""
     from comparison.summary import summary_markdown
 
-    table = records.load_table(result.table_path)
+    table = records.load_table(result.table_path, echo=echo)
     summary = summary_markdown(table)
-    records.write_text_atomic(out_dir / "summary.md", summary + "\n")
+    write_text_atomic(plan.out_dir / "summary.md", summary + "\n")
     echo(summary)
     if make_plots:
         from comparison.plots import plot_all
 
-        paths = plot_all(table, out_dir / "plots")
+        paths = plot_all(table, plan.out_dir / "plots")
         echo(f"plots: {', '.join(str(p) for p in paths)}")
     if result.failed:
         echo(f"{len(result.failed)} cell(s) failed: {', '.join(map(str, result.failed))} (reasons in the 'note' column)")
     echo(f"results: {result.table_path}")
-    return result
-
-
-def _claim_out_dir(out_dir: Path, config: RunConfig) -> None:
-    """Create ``out_dir`` and record the config in it; refuse a directory of other settings."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = out_dir / "config.json"
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if previous.get("run_id") != config.run_id:
-            changed = sorted(
-                key for key, value in config.to_dict().items()
-                if previous.get("config", {}).get(key) != value and key not in RUN_ID_EXCLUDES
-            )
-            raise ValueError(
-                f"{out_dir} holds results of run {previous.get('run_id')}, not of this run {config.run_id} "
-                f"(settings differ: {', '.join(changed) or 'unknown'}); use another --out or remove the directory"
-            )
-    records.write_text_atomic(config_file, json.dumps({"run_id": config.run_id, "config": config.to_dict()}, indent=2) + "\n")
-
-
-def _atomic_torch_save(payload: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.chmod(temporary, records._FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -7,9 +7,8 @@ import re
 
 import pandas as pd
 
+from actuallysparse.memory import MIB
 from comparison.records import FAILED_METRIC
-
-MIB = 1024 * 1024
 _LATENCY = re.compile(r"^latency_batch(\d+)_ms$")
 
 
@@ -49,6 +48,12 @@ def seed_stats(frame: pd.DataFrame, metric: str, by: tuple[str, ...] = ("method"
     return stats[columns]
 
 
+def is_reference(table: pd.DataFrame, method: str) -> bool:
+    """True for a method that was only measured unpruned (target 0): the reference line."""
+    targets = table.loc[table["method"] == method, "target_sparsity"]
+    return bool(len(targets)) and bool((targets == 0).all())
+
+
 def latency_batch_sizes(table: pd.DataFrame) -> list[int]:
     """Batch sizes at which latency was recorded, ascending."""
     sizes = {int(match.group(1)) for metric in table["metric"].unique() if (match := _LATENCY.match(str(metric)))}
@@ -86,14 +91,10 @@ def summary_markdown(table: pd.DataFrame) -> str:
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     methods = list(dict.fromkeys(table["method"]))
     targets = sorted(t for t in final["target_sparsity"].unique() if t > 0) or [0.0]
-    dense_targets = sorted(final.loc[final["method"] == "dense", "target_sparsity"].unique())
+    references = {method for method in methods if is_reference(final, method)}
     for target in targets:
         for method in methods:
-            method_target = target
-            if method == "dense":
-                if not dense_targets:
-                    continue
-                method_target = dense_targets[0]
+            method_target = 0.0 if method in references else target
             cells = []
             for _, metric, scale, decimals in columns:
                 frame = stats[metric]
@@ -101,7 +102,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 cells.append(_format_stat(hit, scale, decimals))
             if all(cell == "–" for cell in cells):
                 continue
-            label = "(reference)" if method == "dense" else f"{target:g}"
+            label = "(reference)" if method in references else f"{target:g}"
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
     seeds = sorted(table["seed"].unique())
     run_ids = ", ".join(sorted(map(str, table["run_id"].unique())))

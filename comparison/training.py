@@ -13,6 +13,7 @@ from torch import nn
 
 from comparison.config import RunConfig
 from comparison.data import ImageSplit, derive_seed, eval_batches, train_batches
+from comparison.device import synchronize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,13 +94,13 @@ def train_epoch(
         if on_batch is not None:
             on_batch(images, labels)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        _synchronize(device)
+        synchronize(device)
         step_start = time.perf_counter()
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _synchronize(device)
+        synchronize(device)
         step_times_ms.append((time.perf_counter() - step_start) * 1e3)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, split: ImageSplit, *, batch_size: int, device: to
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for images, labels in eval_batches(split, batch_size):
         images, labels = images.to(device), labels.to(device)
@@ -123,7 +124,7 @@ def evaluate(model: nn.Module, split: ImageSplit, *, batch_size: int, device: to
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
         count += int(labels.numel())
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
     if count == 0:
@@ -155,9 +156,3 @@ def pretrain(
                         epoch=epoch, device=device)
         )
     return results
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously; without this, wall times would measure only the launch.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -58,8 +58,9 @@ def _effective_weights(method, model):
 
 
 def test_registry_and_unknown_method():
-    assert set(available_methods()) == {"dense", "actuallysparse", "nni", "torch-prune"}
-    with pytest.raises(ValueError, match="unknown method 'magic'.*actuallysparse, dense, nni, torch-prune"):
+    assert set(available_methods()) == {"dense", "actuallysparse", "nni", "torch-prune", "actuallysparse-coo",
+                                        "actuallysparse-orphaned"}
+    with pytest.raises(ValueError, match="unknown method 'magic'.*actuallysparse, actuallysparse-coo, actuallysparse-orphaned, dense, nni"):
         make_method("magic")
     with pytest.raises(ValueError, match="classifier, all"):
         make_method("dense", scope="everything")

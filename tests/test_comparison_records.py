@@ -5,7 +5,17 @@ import math
 import pytest
 
 from comparison import records
-from comparison.records import COLUMNS, Cell, cell_path, cell_status, load_table, make_row, read_rows, write_rows
+from comparison.records import (
+    COLUMNS,
+    Cell,
+    cell_path,
+    cell_status,
+    load_table,
+    make_row,
+    read_rows,
+    write_cell,
+    write_rows,
+)
 
 ENV = {"run_id": "abc", "dataset": "digits", "device": "cpu", "device_name": "test cpu", "threads": 2,
        "torch_version": "2.x", "nni_version": "3.0", "git_commit": "unknown"}
@@ -17,11 +27,13 @@ def _rows(cell, n=3, run_id="abc"):
 
 
 def test_schema_is_the_tidy_long_table():
-    assert COLUMNS[:7] == ("method", "seed", "target_sparsity", "step", "metric", "value", "unit")
+    assert COLUMNS[:8] == ("experiment", "method", "seed", "target_sparsity", "step", "metric", "value", "unit")
     for column in ("note", "run_id", "dataset", "device", "threads", "torch_version", "nni_version", "git_commit"):
         assert column in COLUMNS
     row = make_row(Cell("nni", 0.9, 1), 2, "latency_batch1_ms", 3.5, "ms", "", ENV)
     assert list(row) == list(COLUMNS)
+    assert row["experiment"] == "run"
+    assert make_row(Cell("nni", 0.9, 1), 2, "x", 1, "u", "", {**ENV, "experiment": "loops"})["experiment"] == "loops"
     with pytest.raises(KeyError, match="git_commit"):
         make_row(Cell("nni", 0.9, 1), 2, "x", 1, "u", "", {k: v for k, v in ENV.items() if k != "git_commit"})
 
@@ -59,26 +71,40 @@ def test_write_is_atomic_an_interrupted_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
 
 
+def test_a_table_without_the_experiment_column_reads_as_run(tmp_path):
+    legacy = records.LEGACY_COLUMNS
+    row = {key: value for key, value in make_row(Cell("nni", 0.9, 0), 1, "a", 1.0, "x", "", ENV).items()
+           if key in legacy}
+    write_rows(tmp_path / "old.csv", [row], columns=legacy)
+    assert read_rows(tmp_path / "old.csv")[0]["experiment"] == "run"
+    assert list(load_table(tmp_path / "old.csv").columns) == list(COLUMNS)
+
+
 def test_cell_status(tmp_path):
     cell = Cell("torch-prune", 0.5, 3)
     assert cell_status(tmp_path, cell, "abc") == "missing"
-    write_rows(cell_path(tmp_path, cell), _rows(cell))
+    write_cell(cell_path(tmp_path, cell), _rows(cell))
     assert cell_status(tmp_path, cell, "abc") == "finished"
     failed = _rows(cell, 1) + [make_row(cell, 1, records.FAILED_METRIC, 1, "flag", "ValueError: boom", ENV)]
-    write_rows(cell_path(tmp_path, cell), failed)
+    write_cell(cell_path(tmp_path, cell), failed)
     assert cell_status(tmp_path, cell, "abc") == "failed"
+    write_rows(cell_path(tmp_path, cell), _rows(cell))  # rewritten without its manifest
+    assert cell_status(tmp_path, cell, "abc") == "damaged"
+    write_cell(cell_path(tmp_path, cell), _rows(cell))
     with pytest.raises(ValueError, match="run abc, not of this run zzz"):
         cell_status(tmp_path, cell, "zzz")
 
 
 def test_load_table_from_a_directory_of_cells_and_rejects_other_schemas(tmp_path):
     for cell in (Cell("dense", 0.0, 0), Cell("nni", 0.9, 0)):
-        write_rows(cell_path(tmp_path, cell), _rows(cell))
+        write_cell(cell_path(tmp_path, cell), _rows(cell))
     table = load_table(tmp_path)
     assert len(table) == 6 and set(table["method"]) == {"dense", "nni"}
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
+    assert len(load_table(tmp_path, echo=lambda text: None)) == 6  # rebuilt from the cells
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected"):
-        load_table(tmp_path)
+        load_table(tmp_path / "other.csv")
     with pytest.raises(FileNotFoundError, match="no results"):
         load_table(tmp_path / "empty")
 
@@ -91,9 +117,9 @@ def test_cell_file_names_are_distinct():
 
 def test_collect_cells_keeps_earlier_cells_of_the_same_run_only(tmp_path):
     earlier, planned, foreign = Cell("nni", 0.9, 0), Cell("nni", 0.9, 1), Cell("dense", 0.0, 0)
-    write_rows(cell_path(tmp_path, earlier), _rows(earlier))
-    write_rows(cell_path(tmp_path, planned), _rows(planned))
-    write_rows(cell_path(tmp_path, foreign), _rows(foreign, run_id="other"))
+    write_cell(cell_path(tmp_path, earlier), _rows(earlier))
+    write_cell(cell_path(tmp_path, planned), _rows(planned))
+    write_cell(cell_path(tmp_path, foreign), _rows(foreign, run_id="other"))
     rows = records.collect_cells(tmp_path, [planned], run_id="abc")
     assert {row["seed"] for row in rows} == {"0", "1"}
     assert {row["method"] for row in rows} == {"nni"}

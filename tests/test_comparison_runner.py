@@ -217,4 +217,4 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="cuda.*--device cpu"):
-        runner.resolve_device(RunConfig(device="cuda"))
+        runner.resolve_device("cuda")

@@ -1,40 +1,49 @@
-"""The committed reference results match what the code writes now (columns, metrics, files)."""
+"""The committed reference results match what the code writes now (schema, metrics, files, checks)."""
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from comparison import records
-from comparison.reproduce import EXPERIMENTS, TABLE_COLUMNS, load_tables
+from comparison.reproduce import EXPERIMENTS, load_tables
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+RUN_DIRS = [RESULTS / "run"] + [RESULTS / "reproduce" / name for name in EXPERIMENTS]
 
 
-def test_reference_run_table_has_the_current_schema():
-    table = records.load_table(RESULTS / "run")
+def _quiet(text):
+    raise AssertionError(f"the committed results raised a warning: {text}")
+
+
+@pytest.mark.parametrize("directory", RUN_DIRS, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_committed_run_directories_verify_and_have_the_current_schema(directory):
+    for cell in (directory / records.CELLS_DIR).glob("*.csv"):
+        assert records.cell_problem(cell) is None
+    table = records.load_table(directory, echo=_quiet)
     assert tuple(table.columns) == records.COLUMNS
-    unknown = set(table.metric) - set(records.UNITS) - {m for m in table.metric if m.startswith(("stored_bytes_", "latency_batch"))}
+    known = set(records.UNITS)
+    unknown = {m for m in table.metric if m not in known and not m.startswith(("stored_bytes_", "latency_batch"))}
     assert not unknown, f"metrics the code no longer writes: {unknown}"
     assert not (table.metric == records.FAILED_METRIC).any()
     for metric, unit in records.UNITS.items():
         assert set(table.loc[table.metric == metric, "unit"]) <= {unit}
-    config = json.loads((RESULTS / "run" / "config.json").read_text())
+    config = json.loads((directory / "config.json").read_text())
     assert set(table.run_id) == {config["run_id"]}
-    assert set(table.method) == {"dense", "actuallysparse", "nni", "torch-prune"}
+    assert set(table.experiment) == {config["config"]["experiment"]}
 
 
 def test_reference_run_files():
     for name in ("summary.md", "environment.json", "plots/accuracy_vs_sparsity.png",
                  "plots/stored_bytes_vs_sparsity.png", "plots/training_curves.png"):
         assert (RESULTS / "run" / name).is_file(), name
+    assert set(records.load_table(RESULTS / "run", echo=_quiet).method) == {"dense", "actuallysparse", "nni",
+                                                                           "torch-prune"}
 
 
-def test_reference_reproduce_tables_have_the_current_schema():
-    table = load_tables(RESULTS / "reproduce")
-    assert tuple(table.columns) == TABLE_COLUMNS
+def test_reference_reproduction_has_every_experiment_and_figure():
+    table = load_tables(RESULTS / "reproduce", echo=_quiet)
     assert set(table.experiment) == set(EXPERIMENTS)
-    for name in EXPERIMENTS:
+    for name in ("baselines", "memory", "latency", "loops"):
         assert (RESULTS / "reproduce" / "figures" / f"{name}.png").is_file()
     report = (RESULTS / "reproduce" / "REPORT.md").read_text()
     assert report.startswith("# Reproducing the thesis")
@@ -46,9 +55,9 @@ def test_results_readme_names_the_commands_that_made_them():
     assert "python -m comparison reproduce --out results/reproduce" in text
 
 
-@pytest.mark.parametrize("path", ["run/results.csv", "reproduce/tables/memory.csv"])
-def test_reference_numbers_are_measured_not_typed(path):
-    frame = pd.read_csv(RESULTS / path, dtype={"git_commit": str})
+@pytest.mark.parametrize("directory", RUN_DIRS, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_reference_numbers_are_measured_not_typed(directory):
+    table = records.load_table(directory, echo=_quiet)
     # every row carries the commit and versions of the process that measured it
-    assert frame.git_commit.notna().all() and (frame.git_commit != "unknown").all()
-    assert frame.torch_version.str.startswith("2.").all()
+    assert table.git_commit.notna().all() and (table.git_commit != "unknown").all()
+    assert table.torch_version.str.startswith("2.").all()

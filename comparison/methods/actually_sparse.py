@@ -7,6 +7,7 @@ from torch import nn
 
 from actuallysparse.converter import convert
 from actuallysparse.layers import SparseLayer
+from actuallysparse.optim import abandon_successor, orphan_remapping_disabled
 from actuallysparse.pruning import prune_to_sparsity
 from comparison.methods.base import Method, count_zeros, magnitude_keep_mask, replace_module
 
@@ -30,6 +31,7 @@ class ActuallySparse(Method):
     name = "actuallysparse"
     runtime_modules = ("actuallysparse.layers",)
     layout = "csr"
+    holds = ("sparse values", "int32 indices", "transposed-pattern cache while training")
 
     def __init__(self, scope: str = "classifier") -> None:
         super().__init__(scope)
@@ -87,7 +89,39 @@ class ActuallySparse(Method):
         return [name for name in self.targets if not isinstance(model.get_submodule(name), SparseLayer)]
 
     def storage_note(self) -> str:
-        linear = f"Linear layers stored sparse ({self.layout.upper()} values + indices); pruned weights are gone"
+        note = super().storage_note() + f" ({self.layout.upper()}); pruned weights are gone"
         if self.scope == "all":
-            return f"{linear}; Conv2d kept dense with zeros and a bool mask: actuallysparse has no sparse Conv2d"
-        return linear
+            return f"{note}; Conv2d kept dense with zeros and a bool mask: actuallysparse has no sparse Conv2d"
+        return note
+
+
+class ActuallySparseCOO(ActuallySparse):
+    """The same physical pruning with the pattern stored as COO (row and column per value)."""
+
+    name = "actuallysparse-coo"
+    variant_of = "actuallysparse"
+    layout = "coo"
+
+
+class ActuallySparseOrphaned(ActuallySparse):
+    """The thesis's original training loop, bug included: pruning does not tell the optimizer.
+
+    Each pruning gives the layers new ``values`` Parameters while the optimizer made before
+    goes on stepping the old, detached ones, so the pruned layers stop learning. The library
+    would remap the optimizer before its next step; this variant abandons the old parameters'
+    successor records so that the remap cannot find them. Only to show the bug: never train
+    like this.
+    """
+
+    name = "actuallysparse-orphaned"
+    variant_of = "actuallysparse"
+    holds = ActuallySparse.holds + ("(the optimizer steps orphaned copies: the thesis's bug)",)
+
+    def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
+        layers = [module for module in self.pruned_modules(model).values() if isinstance(module, SparseLayer)]
+        before = [layer.values for layer in layers]
+        with orphan_remapping_disabled():
+            for layer in layers:
+                prune_to_sparsity(layer, target_sparsity)
+        for old in before:
+            abandon_successor(old)

@@ -12,6 +12,7 @@ SCOPE_LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "classifier": (nn.Linear,),
     "all": (nn.Linear, nn.Conv2d),
 }
+SCOPES = tuple(SCOPE_LAYER_TYPES)
 
 
 def target_layer_names(model: nn.Module, scope: str) -> list[str]:
@@ -72,6 +73,13 @@ class Method(ABC):
         name: the name used on the command line and in the results table.
         runtime_modules: modules a fresh process must import before it can unpickle a model
             prepared by this method (imported before the process's memory baseline is taken).
+        prunes: ``False`` for a reference that never prunes: it runs one cell per seed, at
+            target 0, and summaries and plots show it as the reference line.
+        variant_of: for a variant kept for one experiment (another storage layout, a reproduced
+            bug), the method it varies; variants are not in the default grid.
+        holds: what the method keeps for each pruned layer, in words (a dense weight, a mask,
+            a weight copy, sparse values and indices); summaries and notes read it, so no code
+            needs to know a method by name.
 
     Args:
         scope: ``classifier`` or ``all`` (see :func:`target_layer_names`).
@@ -79,6 +87,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     runtime_modules: ClassVar[tuple[str, ...]] = ()
+    prunes: ClassVar[bool] = True
+    variant_of: ClassVar[str | None] = None
+    holds: ClassVar[tuple[str, ...]] = ("dense weight",)
 
     def __init__(self, scope: str = "classifier") -> None:
         if scope not in SCOPE_LAYER_TYPES:
@@ -126,7 +137,7 @@ class Method(ABC):
 
     def storage_note(self) -> str:
         """One sentence on how this method stores pruned layers (recorded beside the counts)."""
-        return ""
+        return f"{self.name} holds per pruned layer: {', '.join(self.holds)}"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -21,12 +21,11 @@ class Dense(Method):
     """
 
     name = "dense"
+    prunes = False
+    holds = ("dense weight (nothing is pruned)",)
 
     def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
         """Does nothing: the dense reference never prunes, whatever the target."""
 
     def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
         return count_zeros(model.get_submodule(name).weight.detach())
-
-    def storage_note(self) -> str:
-        return "dense: nothing is pruned"

@@ -30,7 +30,7 @@ class NNIMasks(Method):
     step's ``sparse_ratio`` on every target space and regenerates the masks, the way NNI's own
     scheduled pruners (``LinearPruner``, ``AGPPruner``) do between iterations. The wrap is
     never undone during training, so the Parameters the optimizer holds stay the ones NNI
-    trains. The NNI traps this avoids (see ``shared/NNI.md``):
+    trains. The NNI traps this avoids (described in ``docs/NNI.md``):
 
     - wrapping replaces the targeted ``weight`` Parameters with new objects: the harness makes
       the optimizer after :meth:`prepare`, never before;
@@ -48,6 +48,7 @@ class NNIMasks(Method):
 
     name = "nni"
     runtime_modules = ("nni.compression.pruning",)
+    holds = ("dense weight", "float32 mask", "weight buffer copy")
 
     def __init__(self, scope: str = "classifier") -> None:
         super().__init__(scope)
@@ -89,6 +90,3 @@ class NNIMasks(Method):
                 model.get_submodule(name).weight.mul_(mask.to(model.get_submodule(name).weight.dtype))
         self.pruner = None
         return model
-
-    def storage_note(self) -> str:
-        return "NNI LevelPruner: dense weight + float32 mask + weight buffer copy; zeros stay stored"

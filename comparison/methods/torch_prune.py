@@ -23,6 +23,7 @@ class TorchPrune(Method):
     """
 
     name = "torch-prune"
+    holds = ("dense weight_orig", "float mask", "materialised masked weight")
 
     def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
         super().prepare(model, targets)
@@ -47,6 +48,3 @@ class TorchPrune(Method):
         if hasattr(module, "weight_orig"):
             return count_zeros((module.weight_orig * module.weight_mask).detach())
         return count_zeros(module.weight.detach())
-
-    def storage_note(self) -> str:
-        return "torch.nn.utils.prune: dense weight_orig + float mask + masked weight copy; zeros stay stored"

@@ -1,0 +1,215 @@
+"""Files a run writes: all-or-nothing writes, checksums, and the lock of a results directory.
+
+Every file of a results directory is written through :func:`atomic_path`: the content goes to a
+private temporary file beside the target, is flushed to disk, and replaces the target with
+``os.replace`` in one step. A crash or Ctrl-C leaves the old file or the new one, never half of
+one. A temporary file left by a killed process starts with ``.`` and ends with ``.tmp``;
+:func:`remove_stale_temporaries` clears them at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+TEMPORARY_SUFFIX = ".tmp"
+LOCK_FILE = ".lock"
+
+
+def _file_mode() -> int:
+    # Results are ordinary files, readable as the umask allows (temporary files start private).
+    # Linux reports the umask without changing it; elsewhere the common default is assumed.
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one step.
+
+    If the body raises (or is interrupted), the temporary file is removed and ``path`` is left
+    as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, _file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` all or nothing."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    """Write ``payload`` as indented JSON to ``path`` all or nothing."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def save_torch_atomic(payload: object, path: str | Path) -> None:
+    """``torch.save(payload)`` to ``path`` all or nothing."""
+    import torch
+
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files (``.*.tmp``) and scratch folders a killed run left under ``directory``.
+
+    Call it only while holding the directory's :class:`DirectoryLock`: then no live writer owns them.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.rglob(f".*{TEMPORARY_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for path in directory.glob(".scratch-*"):
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def move_aside(path: str | Path, reason: str) -> Path:
+    """Move a damaged file to ``<its folder>/damaged/`` (never delete it); returns the new path.
+
+    A ``.why`` file beside it says what was wrong.
+    """
+    path = Path(path)
+    damaged = path.parent / "damaged"
+    damaged.mkdir(exist_ok=True)
+    target = damaged / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    counter = 0
+    while target.exists():
+        counter += 1
+        target = damaged / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.{counter}"
+    os.replace(path, target)
+    target.with_name(target.name + ".why").write_text(reason + "\n", encoding="utf-8")
+    return target
+
+
+class DirectoryBusyError(RuntimeError):
+    """Another live process holds the lock of a results directory."""
+
+
+class DirectoryLock:
+    """An exclusive lock on a results directory, held while a run writes it.
+
+    The lock is a file ``.lock`` holding the owner's host, pid and start time. A lock whose
+    process is gone (same host, pid not running) is stale: it is taken over. A live owner makes
+    :meth:`acquire` raise :class:`DirectoryBusyError` naming it, or wait with ``wait_s``.
+
+    Example::
+
+        >>> with DirectoryLock(out_dir):
+        ...     ...  # write cells
+    """
+
+    def __init__(self, directory: str | Path, *, wait_s: float = 0.0, poll_s: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.took_over: dict | None = None
+
+    def owner(self) -> dict | None:
+        """The recorded owner of the lock, or ``None`` when unlocked (an unreadable lock counts as stale)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"pid": -1, "host": "?", "unreadable": True}
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        if owner.get("unreadable"):
+            return False
+        if owner.get("host") != socket.gethostname():
+            return True  # cannot check another host's processes: assume it is running
+        pid = int(owner.get("pid", -1))
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> "DirectoryLock":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait_s
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue  # released between our two calls
+                if not self._alive(owner):
+                    self.took_over = owner
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise DirectoryBusyError(
+                        f"{self.directory} is in use by process {owner.get('pid')} on {owner.get('host')} "
+                        f"(since {owner.get('since')}); wait for it to finish, or pass --wait to queue behind it"
+                    ) from None
+                time.sleep(self.poll_s)
+                continue
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(me, handle)
+            return self
+
+    def release(self) -> None:
+        owner = self.owner()
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
