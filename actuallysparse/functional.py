@@ -8,7 +8,9 @@ order. A layer needs three products, each a plain function of tensors:
   ``t_crow, t_col, perm`` are the transposed pattern of a :class:`TransposedPattern` (built
   once per pattern), which the torch backend multiplies with;
 * ``grad_values(grad_out, x, crow, col)``: ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``, a
-  sampled dense-dense product with exactly ``nnz`` entries.
+  sampled dense-dense product with exactly ``nnz`` entries;
+* ``backward(grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)``:
+  the two gradients a backward needs, together (the native backend packs the output gradient once).
 
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
 :mod:`actuallysparse.kernels` (float32/float64, int32 indices; ``dx`` is scattered along ``W``'s
@@ -136,17 +138,28 @@ def torch_grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) ->
         return torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x.contiguous(), beta=0.0).values()
 
 
+def torch_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor | None,
+                   t_col: Tensor | None, perm: Tensor | None, need_input: bool, need_values: bool
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)``, ``None`` for a gradient not needed."""
+    grad_x = (torch_grad_input(grad_out, values, crow, col, t_crow, t_col, perm, x.shape[1])
+              if need_input else None)
+    grad_values = torch_grad_values(grad_out, x, crow, col) if need_values else None
+    return grad_x, grad_values
+
+
 class Backend(NamedTuple):
-    """One implementation of the three products, under a name."""
+    """One implementation of the products, under a name."""
 
     name: str
     forward: Callable[..., Tensor]
     grad_input: Callable[..., Tensor]
     grad_values: Callable[..., Tensor]
+    backward: Callable[..., tuple]
 
 
-TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values)
-NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values)
+TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward)
+NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward)
 
 _fallback_warned = False
 
@@ -208,13 +221,11 @@ class SparseLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         x, values = ctx.saved_tensors
         crow, col, transposed, (out_features, in_features), backend = ctx.pattern
-        grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            t_crow, t_col, perm = (None, None, None) if transposed is None else (
-                transposed.crow, transposed.col, transposed.perm)
-            grad_x = backend.grad_input(grad_out, values, crow, col, t_crow, t_col, perm, in_features)
-        if ctx.needs_input_grad[1]:
-            grad_values = backend.grad_values(grad_out, x, crow, col)
+        t_crow, t_col, perm = (None, None, None) if transposed is None else (
+            transposed.crow, transposed.col, transposed.perm)
+        grad_x, grad_values = backend.backward(grad_out, x, values, crow, col, t_crow, t_col, perm,
+                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None

@@ -7,7 +7,9 @@ Three plain functions with the same signatures as the pure-torch path in
 * :func:`grad_input` ``(grad_out, values, crow, col, t_crow, t_col, perm, in_features) -> dx = dy W``,
   scattered through ``W``'s own rows, so the values are read in their stored order and the
   transposed pattern (``t_crow, t_col, perm``, which the torch backend needs) goes unused;
-* :func:`grad_values` ``(grad_out, x, crow, col) -> dv``, ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``.
+* :func:`grad_values` ``(grad_out, x, crow, col) -> dv``, ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``;
+* :func:`backward` ``(grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)``:
+  whichever of the two gradients are needed, in one call.
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -110,12 +112,27 @@ def forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: T
     return _ops().spmm(x, values, bias, crow, col, out_features, isa())
 
 
+def backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor | None,
+             t_col: Tensor | None, perm: Tensor | None, need_input: bool, need_values: bool
+             ) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)`` over ``W``'s rows, sharing the packed output gradient; ``None`` for a
+    gradient not needed.
+
+    The input gradient is scattered along ``W``'s own rows, so the values are read in their
+    stored order and the transposed pattern (``t_crow, t_col, perm``) goes unused.
+    """
+    grad_x, grad_values = _ops().backward(grad_out, x, values, crow, col, need_input, need_values, isa())
+    return (grad_x if need_input else None), (grad_values if need_values else None)
+
+
 def grad_input(grad_out: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor | None,
                t_col: Tensor | None, perm: Tensor | None, in_features: int) -> Tensor:
     """``grad_out @ W``, scattered along ``W``'s rows (the transposed pattern is not needed)."""
-    return _ops().scatter(grad_out, values, crow, col, in_features, isa())
+    x = grad_out.new_empty(grad_out.shape[0], in_features)  # only its shape is read
+    return backward(grad_out, x, values, crow, col, t_crow, t_col, perm, True, False)[0]
 
 
 def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     """The gradient of each non-zero: ``sum_b grad_out[b, row_k] * x[b, col_k]``."""
-    return _ops().sddmm(grad_out, x, crow, col, isa())
+    values = x.new_empty(col.numel())  # only its shape is read
+    return backward(grad_out, x, values, crow, col, None, None, None, False, True)[1]

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <string>
+#include <tuple>
 
 #include "kernels.h"
 
@@ -133,95 +134,74 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
   return out;
 }
 
-// grad_out @ W through W's rows: work items are (tile, slice of W's rows), each scattering into
-// its own accumulation tile; a second pass sums the slices and writes them transposed.
-at::Tensor scatter(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& crow,
-                   const at::Tensor& col, int64_t in_features, const std::string& isa) {
+// The gradients over W's rows. Work items are slices of W's rows with about
+// equal non-zeros, one per thread; each walks every batch tile, owns its rows' grad_values
+// and scatters the input gradient into its own accumulation tiles, which a second pass sums
+// and writes transposed into grad_x.
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                            const at::Tensor& values, const at::Tensor& crow,
+                                            const at::Tensor& col, bool need_input, bool need_values,
+                                            const std::string& isa) {
   check_isa(isa);
-  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be 2-D, got ", grad_out.sizes());
-  const int64_t n_rows = grad_out.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && grad_out.size(0) == x.size(0),
+              "grad_out and input must be 2-D with one batch, got ", grad_out.sizes(), " and ", x.sizes());
+  const int64_t n_rows = grad_out.size(1), in_features = x.size(1), batch = x.size(0);
   check_pattern(crow, col, n_rows);
-  TORCH_CHECK(grad_out.scalar_type() == values.scalar_type(), "grad_out and values dtypes differ");
-  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-              "the native kernels take float32 or float64, got ", values.scalar_type());
-  TORCH_CHECK(values.numel() == col.numel(), "values must have one entry per non-zero");
-  const int64_t batch = grad_out.size(0);
-  at::Tensor out = at::empty({batch, in_features}, grad_out.options());
-  if (batch == 0 || in_features == 0) return out;
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type(),
+              "grad_out, input and values must share a dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the native kernels take float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), "values must have one entry per non-zero");
+  // a gradient not asked for comes back empty
+  at::Tensor grad_x = at::zeros({need_input ? batch : 0, in_features}, x.options());
+  at::Tensor grad_values = at::zeros({need_values ? col.numel() : 0}, x.options());
+  if (batch == 0 || col.numel() == 0 || (!need_input && !need_values)) return {grad_x, grad_values};
   const at::Tensor vals = values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "actuallysparse_scatter", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_backward", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = tile_width(batch, table.lanes);
-    const at::Tensor packed = pack<scalar_t>(grad_out, tw);
-    const int64_t n_tiles = packed.size(0);
-    const int64_t threads = at::get_num_threads();
-    const int64_t slices = std::max<int64_t>(1, (threads + n_tiles - 1) / n_tiles);
-    at::Tensor acc = at::zeros({n_tiles, slices, in_features, tw}, grad_out.options());
-    ScatterArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
-                               packed.data_ptr<scalar_t>(), n_rows, tw};
-    scalar_t* acc_data = acc.data_ptr<scalar_t>();
+    const at::Tensor packed_rows = pack<scalar_t>(grad_out, tw);
+    const at::Tensor packed_cols = need_values ? pack<scalar_t>(x, tw) : at::Tensor();
+    const int64_t n_tiles = packed_rows.size(0);
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
+    at::Tensor acc = need_input ? at::zeros({slices, n_tiles, in_features, tw}, x.options()) : at::Tensor();
+    BackwardArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                                packed_rows.data_ptr<scalar_t>(),
+                                need_values ? packed_cols.data_ptr<scalar_t>() : nullptr, n_rows, in_features, tw,
+                                need_values ? grad_values.data_ptr<scalar_t>() : nullptr};
+    scalar_t* acc_data = need_input ? acc.data_ptr<scalar_t>() : nullptr;
     const int32_t* crow_data = crow.data_ptr<int32_t>();
     const int64_t nnz = col.numel();
-    at::parallel_for(0, n_tiles * slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / slices, s = item % slices;
-        // slices of about equal non-zeros, not equal rows
-        const int32_t* lo = std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices);
-        const int32_t* hi = std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices);
-        const int64_t r0 = lo - crow_data, r1 = s + 1 == slices ? n_rows : hi - crow_data;
-        table.scatter(args, t, r0, r1, acc_data + item * in_features * tw);
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t r0 = s == 0 ? 0 : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices) - crow_data;
+        const int64_t r1 = s + 1 == slices ? n_rows
+            : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices) - crow_data;
+        for (int64_t t = 0; t < n_tiles; ++t)
+          table.backward(args, t, r0, r1, acc_data ? acc_data + (s * n_tiles + t) * in_features * tw : nullptr, t > 0);
       }
     });
-    scalar_t* dst = out.data_ptr<scalar_t>();
+    if (!need_input) return;
+    scalar_t* dst = grad_x.data_ptr<scalar_t>();
     constexpr int64_t kBlock = 64;
     const int64_t blocks = (in_features + kBlock - 1) / kBlock;
+    const int64_t slice_stride = n_tiles * in_features * tw;
     at::parallel_for(0, n_tiles * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / blocks, c0 = (item % blocks) * kBlock;
         const int64_t c1 = std::min(in_features, c0 + kBlock);
         const int64_t nb = std::min(tw, batch - t * tw);
-        const scalar_t* first = acc_data + t * slices * in_features * tw;
+        scalar_t* first = acc_data + t * in_features * tw;
         for (int64_t s = 1; s < slices; ++s) {
-          scalar_t* sum = const_cast<scalar_t*>(first);
-          const scalar_t* part = first + s * in_features * tw;
-          for (int64_t i = c0 * tw; i < c1 * tw; ++i) sum[i] += part[i];
+          const scalar_t* part = first + s * slice_stride;
+          for (int64_t i = c0 * tw; i < c1 * tw; ++i) first[i] += part[i];
         }
         for (int64_t b = 0; b < nb; ++b)
           for (int64_t c = c0; c < c1; ++c) dst[(t * tw + b) * in_features + c] = first[c * tw + b];
       }
     });
   });
-  return out;
-}
-
-at::Tensor sddmm(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                 const std::string& isa) {
-  check_isa(isa);
-  const int64_t n_rows = grad_out.size(1);
-  check_pattern(crow, col, n_rows);
-  TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && grad_out.size(0) == x.size(0),
-              "grad_out and input must be 2-D with one batch, got ", grad_out.sizes(), " and ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and input dtypes differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native kernels take float32 or float64, got ", x.scalar_type());
-  const int64_t batch = x.size(0);
-  at::Tensor grad_values = at::zeros({col.numel()}, x.options());
-  if (batch == 0 || col.numel() == 0) return grad_values;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_sddmm", [&] {
-    const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const int64_t tw = tile_width(batch, table.lanes);
-    const at::Tensor packed_rows = pack<scalar_t>(grad_out, tw);
-    const at::Tensor packed_cols = pack<scalar_t>(x, tw);
-    SddmmArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), packed_rows.data_ptr<scalar_t>(),
-                             packed_cols.data_ptr<scalar_t>(), n_rows, x.size(1), tw,
-                             grad_values.data_ptr<scalar_t>()};
-    const int64_t n_tiles = packed_rows.size(0);
-    // Threads own rows (so no two write one grad_values entry); each walks every tile.
-    at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < n_tiles; ++t) table.sddmm(args, t, begin, end, t > 0);
-    });
-  });
-  return grad_values;
+  return {grad_x, grad_values};
 }
 
 }  // namespace
@@ -229,13 +209,12 @@ at::Tensor sddmm(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
 
 TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("spmm(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, str isa) -> Tensor");
-  m.def("scatter(Tensor grad_out, Tensor values, Tensor crow, Tensor col, int in_features, str isa) -> Tensor");
-  m.def("sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, str isa) -> Tensor");
+  m.def("backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, bool need_input, "
+        "bool need_values, str isa) -> (Tensor, Tensor)");
   m.def("isa_supported(str isa) -> bool", &actuallysparse::isa_supported);
 }
 
 TORCH_LIBRARY_IMPL(actuallysparse_kernels, CPU, m) {
   m.impl("spmm", &actuallysparse::spmm);
-  m.impl("sddmm", &actuallysparse::sddmm);
-  m.impl("scatter", &actuallysparse::scatter);
+  m.impl("backward", &actuallysparse::backward);
 }

@@ -31,25 +31,16 @@ struct SpmmArgs {
 };
 
 template <typename T>
-struct SddmmArgs {
+struct BackwardArgs {
   const int32_t* crow;   // (n_rows + 1,) row pointers of W
   const int32_t* col;    // (nnz,)
+  const T* values;       // (nnz,) W's values in their stored order
   const T* packed_rows;  // packed output gradient: tile rows are W's rows
-  const T* packed_cols;  // packed input: tile rows are W's columns
+  const T* packed_cols;  // packed input (tile rows are W's columns), or null without grad_values
   int64_t rows_k;        // rows per tile of packed_rows (out_features)
   int64_t cols_k;        // rows per tile of packed_cols (in_features)
   int64_t tw;
-  T* grad_values;        // (nnz,) accumulated over tiles
-};
-
-template <typename T>
-struct ScatterArgs {
-  const int32_t* crow;   // (n_rows + 1,) row pointers of W
-  const int32_t* col;    // (nnz,)
-  const T* values;       // (nnz,) W's values in their own order
-  const T* packed_rows;  // packed output gradient: tile rows are W's rows
-  int64_t rows_k;        // rows per tile of packed_rows (out_features)
-  int64_t tw;
+  T* grad_values;        // (nnz,) accumulated over tiles, or null when not wanted
 };
 
 template <typename T>
@@ -57,10 +48,11 @@ struct KernelTable {
   int lanes;  // elements per vector register
   // out[b, r] (+bias[r]) for r in [row_begin, row_end), b in tile `tile`.
   void (*spmm)(const SpmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end);
-  // grad_values[k] (+)= <packed_rows[tile][row_k], packed_cols[tile][col_k]> for rows in range.
-  void (*sddmm)(const SddmmArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, bool accumulate);
-  // acc_tile[col_k] += values[k] * packed_rows[tile][r] for k in rows [row_begin, row_end).
-  void (*scatter)(const ScatterArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile);
+  // For the non-zeros k of rows [row_begin, row_end), on batch tile `tile`:
+  //   grad_values[k] (+)= <packed_rows[tile][row_k], packed_cols[tile][col_k]>   (if grad_values)
+  //   acc_tile[col_k] += values[k] * packed_rows[tile][row_k]                  (if acc_tile)
+  void (*backward)(const BackwardArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile,
+                   bool accumulate);
 };
 
 KernelTable<float> scalar_table_f32();

@@ -4,8 +4,6 @@
 //   acc[0..nv) += value_k * packed[col_k][0..TW)   for k in row r,
 // then writes acc transposed into out[b][r] through a small block buffer, so stores to the
 // row-major output stay within a few cache lines.
-// sddmm: for W's row r, its tile row of the output gradient stays in registers while each
-// non-zero k adds <that row, packed input row col_k> into grad_values[k].
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -57,21 +55,15 @@ void spmv(const SpmmArgs<T>& a, int64_t row_begin, int64_t row_end) {
   }
 }
 
-template <typename T>
-void scatter_one(const ScatterArgs<T>& a, int64_t row_begin, int64_t row_end, T* acc) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T g = a.packed_rows[r];
-    for (int32_t k = a.crow[r]; k < a.crow[r + 1]; ++k) acc[a.col[k]] += a.values[k] * g;
-  }
-}
-
-template <typename T>
-void sddmm_one(const SddmmArgs<T>& a, int64_t row_begin, int64_t row_end, bool accumulate) {
+// Backward for a batch of one row: dv[k] = g[r] * x[col_k], dx[col_k] += v[k] * g[r].
+template <typename T, bool kDX, bool kDV>
+void backward_one(const BackwardArgs<T>& a, int64_t row_begin, int64_t row_end, T* acc, bool accumulate) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T g = a.packed_rows[r];
     for (int32_t k = a.crow[r]; k < a.crow[r + 1]; ++k) {
-      const T dot = g * a.packed_cols[a.col[k]];
-      a.grad_values[k] = accumulate ? a.grad_values[k] + dot : dot;
+      const int32_t c = a.col[k];
+      if (kDV) a.grad_values[k] = (accumulate ? a.grad_values[k] : T(0)) + g * a.packed_cols[c];
+      if (kDX) acc[c] += a.values[k] * g;
     }
   }
 }
@@ -137,94 +129,92 @@ void spmm(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int
   }
 }
 
-// scatter: the input gradient through W's own rows (no transposed pattern, no permutation):
-// for W's row r, its tile row of the output gradient g stays in registers while each
-// non-zero k adds value_k * g into row col_k of an (in_features x TW) accumulation tile.
-template <typename V, int NV>
-void scatter_nv(const ScatterArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
-                typename V::T* acc_tile) {
+// backward: the gradients over W's rows. For W's row r, the tile row g of the output gradient
+// stays in registers while each non-zero k
+//   - adds <g, packed input row col_k> into grad_values[k] (L non-zeros at a time, their
+//     dot products leaving as one vector through a transposing reduction), and
+//   - adds value_k * g into row col_k of an (in_features x TW) accumulation tile: the input
+//     gradient scattered along W's own rows, so values are read in their stored order and
+//     no transposed pattern or permutation is needed.
+template <typename V, int NV, bool kDX, bool kDV>
+void backward_nv(const BackwardArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
+                 typename V::T* acc_tile, bool accumulate) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
-  const T* rows = a.packed_rows + tile * a.rows_k * TW;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    typename V::reg g[NV];
-    for (int v = 0; v < NV; ++v) g[v] = V::load(rows + r * TW + v * W);
-    const int32_t begin = a.crow[r], end = a.crow[r + 1];
-    for (int32_t k = begin; k < end; ++k) {
-      const typename V::reg w = V::set1(a.values[k]);
-      T* dst = acc_tile + static_cast<int64_t>(a.col[k]) * TW;
-      for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
-    }
-  }
-}
-
-template <typename V>
-void scatter(const ScatterArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
-             typename V::T* acc_tile) {
-  if (a.tw == 1) return scatter_one(a, row_begin, row_end, acc_tile);
-  switch (a.tw / V::lanes) {
-    case 1: return scatter_nv<V, 1>(a, tile, row_begin, row_end, acc_tile);
-    case 2: return scatter_nv<V, 2>(a, tile, row_begin, row_end, acc_tile);
-    case 3: return scatter_nv<V, 3>(a, tile, row_begin, row_end, acc_tile);
-    case 4: return scatter_nv<V, 4>(a, tile, row_begin, row_end, acc_tile);
-    default: return;
-  }
-}
-
-template <typename V, int NV>
-void sddmm_nv(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
-              bool accumulate) {
-  using T = typename V::T;
-  constexpr int W = V::lanes;
-  constexpr int TW = NV * W;
-  const T* rows = a.packed_rows + tile * a.rows_k * TW;
-  const T* cols = a.packed_cols + tile * a.cols_k * TW;
   constexpr int L = V::lanes;
+  const T* rows = a.packed_rows + tile * a.rows_k * TW;
+  const T* cols = kDV ? a.packed_cols + tile * a.cols_k * TW : nullptr;
   for (int64_t r = row_begin; r < row_end; ++r) {
     typename V::reg g[NV];
     for (int v = 0; v < NV; ++v) g[v] = V::load(rows + r * TW + v * W);
     const int32_t begin = a.crow[r], end = a.crow[r + 1];
     int32_t k = begin;
-    // L non-zeros at a time: their L dot products leave as one vector (a transposing
-    // reduction), not L separate horizontal sums.
     for (; k + L <= end; k += L) {
-      typename V::reg acc[L];
+      typename V::reg dots[L];
       for (int j = 0; j < L; ++j) {
-        const T* src = cols + static_cast<int64_t>(a.col[k + j]) * TW;
-        acc[j] = V::mul(g[0], V::load(src));
-        for (int v = 1; v < NV; ++v) acc[j] = V::fmadd(g[v], V::load(src + v * W), acc[j]);
+        const int64_t c = a.col[k + j];
+        if (kDV) {
+          const T* src = cols + c * TW;
+          dots[j] = V::mul(g[0], V::load(src));
+          for (int v = 1; v < NV; ++v) dots[j] = V::fmadd(g[v], V::load(src + v * W), dots[j]);
+        }
+        if (kDX) {
+          const typename V::reg w = V::set1(a.values[k + j]);
+          T* dst = acc_tile + c * TW;
+          for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
+        }
       }
-      typename V::reg dots = V::reduce_lanes(acc);
-      if (accumulate) dots = V::add(dots, V::loadu(a.grad_values + k));
-      V::storeu(a.grad_values + k, dots);
+      if (kDV) {
+        typename V::reg sums = V::reduce_lanes(dots);
+        if (accumulate) sums = V::add(sums, V::loadu(a.grad_values + k));
+        V::storeu(a.grad_values + k, sums);
+      }
     }
     for (; k < end; ++k) {
-      const T* src = cols + static_cast<int64_t>(a.col[k]) * TW;
-      typename V::reg acc = V::mul(g[0], V::load(src));
-      for (int v = 1; v < NV; ++v) acc = V::fmadd(g[v], V::load(src + v * W), acc);
-      const T dot = V::hsum(acc);
-      a.grad_values[k] = accumulate ? a.grad_values[k] + dot : dot;
+      const int64_t c = a.col[k];
+      if (kDV) {
+        const T* src = cols + c * TW;
+        typename V::reg dot = V::mul(g[0], V::load(src));
+        for (int v = 1; v < NV; ++v) dot = V::fmadd(g[v], V::load(src + v * W), dot);
+        const T sum = V::hsum(dot);
+        a.grad_values[k] = accumulate ? a.grad_values[k] + sum : sum;
+      }
+      if (kDX) {
+        const typename V::reg w = V::set1(a.values[k]);
+        T* dst = acc_tile + c * TW;
+        for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
+      }
     }
   }
 }
 
-template <typename V>
-void sddmm(const SddmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
-           bool accumulate) {
-  if (a.tw == 1) return sddmm_one(a, row_begin, row_end, accumulate);
+template <typename V, bool kDX, bool kDV>
+void backward_as(const BackwardArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
+                 typename V::T* acc_tile, bool accumulate) {
+  if (a.tw == 1) return backward_one<typename V::T, kDX, kDV>(a, row_begin, row_end, acc_tile, accumulate);
   switch (a.tw / V::lanes) {
-    case 1: return sddmm_nv<V, 1>(a, tile, row_begin, row_end, accumulate);
-    case 2: return sddmm_nv<V, 2>(a, tile, row_begin, row_end, accumulate);
-    case 3: return sddmm_nv<V, 3>(a, tile, row_begin, row_end, accumulate);
-    case 4: return sddmm_nv<V, 4>(a, tile, row_begin, row_end, accumulate);
+    case 1: return backward_nv<V, 1, kDX, kDV>(a, tile, row_begin, row_end, acc_tile, accumulate);
+    case 2: return backward_nv<V, 2, kDX, kDV>(a, tile, row_begin, row_end, acc_tile, accumulate);
+    case 3: return backward_nv<V, 3, kDX, kDV>(a, tile, row_begin, row_end, acc_tile, accumulate);
+    case 4: return backward_nv<V, 4, kDX, kDV>(a, tile, row_begin, row_end, acc_tile, accumulate);
     default: return;
   }
 }
 
 template <typename V>
+void backward(const BackwardArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end,
+              typename V::T* acc_tile, bool accumulate) {
+  // With both gradients wanted, two passes over the rows beat one fused pass (measured on AVX2,
+  // 4096x4096 at 0.9: 19 vs 21 ms at B=64, 80 vs 93 ms at B=256, one thread): fused, the
+  // input tile and the accumulation tile compete for L2.
+  if (a.grad_values != nullptr) backward_as<V, false, true>(a, tile, row_begin, row_end, nullptr, accumulate);
+  if (acc_tile != nullptr) backward_as<V, true, false>(a, tile, row_begin, row_end, acc_tile, accumulate);
+}
+
+template <typename V>
 KernelTable<typename V::T> make_table() {
-  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &sddmm<V>, &scatter<V>};
+  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &backward<V>};
 }
 
 }  // namespace impl
