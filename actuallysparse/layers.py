@@ -264,7 +264,8 @@ class SparseLayer(nn.Module):
         leading = (1,) if input.dim() == 1 else input.shape[:-1]
         x = input.reshape(-1, self.in_features)
         crow, col = self._pattern()
-        transposed = self._transposed_pattern() if (torch.is_grad_enabled() and x.requires_grad) else None
+        # Handed over unbuilt: sparse_linear builds the cache only where it can use it.
+        transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
         out = sparse_linear(x, self.values, self.bias, crow, col,
                             (self.out_features, self.in_features), transposed)
         return out.reshape(*leading, self.out_features)

@@ -223,3 +223,43 @@ def test_pruned_layer_trains_on_native_kernels(backend):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert layer.values.grad.shape == layer.values.shape
+
+
+def _pruned_model():
+    first = convert(torch.nn.Linear(30, 20), "csr")
+    prune_to_sparsity(first, 0.8)
+    second = convert(torch.nn.Linear(20, 10), "coo")
+    prune_to_sparsity(second, 0.7)
+    return torch.nn.Sequential(first, torch.nn.ReLU(), second)
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+def test_compiled_fullgraph_matches_eager(name, monkeypatch):
+    if name == "native" and not kernels.is_available():
+        pytest.skip(f"the native kernels could not be built: {kernels.load_error_summary()}")
+    monkeypatch.setenv(functional.BACKEND_VARIABLE, name)
+    torch._dynamo.reset()
+    model = _pruned_model()
+    x = torch.randn(5, 30, requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+
+    compiled = torch.compile(model, fullgraph=True)   # a graph break would raise
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip([x.grad] + [p.grad for p in model.parameters()], grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_exported_pruned_model_matches_eager():
+    model = _pruned_model().eval()
+    program = torch.export.export(model, (torch.randn(4, 30),))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert sum("actuallysparse.linear" in target for target in targets) == 2
+    assert not any("argsort" in target for target in targets)   # no pattern work in the graph
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(program.module()(x), model(x))
