@@ -182,8 +182,13 @@ class DirectoryLock:
         deadline = time.monotonic() + self.wait_s
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         while True:
+            # The lock appears with its content in one step (a hard link of a finished file), so
+            # another process never reads a half-written lock and takes it for a stale one.
+            handle, draft = tempfile.mkstemp(dir=self.directory, prefix=".lock.", suffix=TEMPORARY_SUFFIX)
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(me, stream)
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(draft, self.path)
             except FileExistsError:
                 owner = self.owner()
                 if owner is None:
@@ -198,10 +203,10 @@ class DirectoryLock:
                         f"(since {owner.get('since')}); wait for it to finish, or pass --wait to queue behind it"
                     ) from None
                 time.sleep(self.poll_s)
-                continue
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(me, handle)
-            return self
+            else:
+                return self
+            finally:
+                os.unlink(draft)
 
     def release(self) -> None:
         owner = self.owner()

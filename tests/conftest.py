@@ -26,3 +26,13 @@ def sparse_pair():
         return dense, sparse
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quick_reproduction(tmp_path_factory):
+    """One quick ``reproduce`` run, shared by the tests that read it (it takes minutes)."""
+    from comparison.reproduce import ReproduceSettings, reproduce
+
+    out = tmp_path_factory.mktemp("reproduce")
+    reproduce(ReproduceSettings(out=str(out), quick=True, progress=False), echo=lambda text: None)
+    return out

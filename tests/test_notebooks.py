@@ -11,8 +11,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def notebook_out(tmp_path_factory):
-    return tmp_path_factory.mktemp("notebooks")
+def notebook_out(quick_reproduction):
+    # The notebooks resume the quick reproduction the other tests made: they run the same
+    # experiments with the same settings, so they find every cell done and redraw from it.
+    return quick_reproduction
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

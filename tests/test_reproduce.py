@@ -28,9 +28,8 @@ def test_every_experiment_is_a_run_of_registered_methods():
 
 
 @pytest.mark.slow
-def test_quick_reproduce_writes_every_table_figure_and_report(tmp_path):
-    out = tmp_path / "reproduce"
-    assert main(["reproduce", "--quick", "--no-progress", "--out", str(out)]) == 0
+def test_quick_reproduce_writes_every_table_figure_and_report(quick_reproduction):
+    out = quick_reproduction
     table = load_tables(out)
     assert tuple(table.columns) == records.COLUMNS
     assert set(table.experiment) == set(EXPERIMENTS)

@@ -1,0 +1,301 @@
+"""Results survive damage and bad input: every case either recovers to the complete table or stops
+with one line naming the file; nothing is lost silently (docs/RESULTS.md)."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from comparison import records, runner
+from comparison.cli import main
+from comparison.config import RunConfig
+from comparison.files import DirectoryLock
+from comparison.metrics import Measurement
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--width", "0.0625", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
+        "--pretrain-epochs", "1", "--steps", "1", "--epochs-per-step", "1", "--sparsities", "0.9",
+        "--methods", "dense,actuallysparse", "--latency-repeats", "1", "--probe-memory", "false",
+        "--threads", "1", "--no-plots", "--no-progress"]
+# Metrics that do not depend on timing: a recovered table must hold exactly these values.
+DETERMINISTIC = {"test_accuracy", "test_loss", "achieved_sparsity", "nonzero_weights", "stored_bytes",
+                 "pruned_layers_bytes", "optimizer_state_bytes", "train_loss", "step_target_sparsity"}
+
+
+def _run(out, *extra):
+    return main(["run", *TINY, "--out", str(out), *extra])
+
+
+def _deterministic(directory):
+    table = records.load_table(directory, echo=lambda text: None)
+    table = table[table.metric.isin(DETERMINISTIC)]
+    return sorted(zip(table.method, table.target_sparsity, table.step, table.metric, table.value.round(6)))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A complete tiny run, copied afresh by each test that damages it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _run(out) == 0
+    return out
+
+
+@pytest.fixture
+def damaged(finished, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def _cell(directory):
+    return sorted((directory / records.CELLS_DIR).glob("actuallysparse*.csv"))[0]
+
+
+# ------------------------------------------------------------------ the check itself, exhaustively
+def test_every_truncation_of_a_cell_file_fails_its_check(damaged):
+    path = _cell(damaged)
+    content = path.read_bytes()
+    boundaries = [i + 1 for i, byte in enumerate(content) if byte == ord("\n")][:-1]
+    cuts = boundaries + random.Random(0).sample(range(1, len(content)), 40)
+    assert len(boundaries) > 20
+    for cut in cuts:
+        path.write_bytes(content[:cut])
+        assert records.cell_problem(path) is not None, f"cut at byte {cut} passed the check"
+    path.write_bytes(content)
+    assert records.cell_problem(path) is None
+
+
+def test_every_byte_flip_of_a_cell_file_fails_its_check(damaged):
+    path = _cell(damaged)
+    content = bytearray(path.read_bytes())
+    for position in random.Random(1).sample(range(len(content)), 60):
+        flipped = bytearray(content)
+        flipped[position] ^= 1 << random.Random(position).randrange(8)
+        path.write_bytes(bytes(flipped))
+        assert records.cell_problem(path) is not None, f"flip at byte {position} passed the check"
+
+
+# ------------------------------------------------------------------ recovery end to end
+@pytest.mark.parametrize("damage", ["cut_at_line", "cut_mid_line", "flip", "no_manifest", "garbage"])
+def test_a_damaged_cell_is_moved_aside_and_run_again(finished, damaged, damage, capsys):
+    path = _cell(damaged)
+    content = path.read_bytes()
+    if damage == "cut_at_line":
+        path.write_bytes(content[: content.rindex(b"\n", 0, len(content) - 1) + 1])
+    elif damage == "cut_mid_line":
+        path.write_bytes(content[: len(content) // 2])
+    elif damage == "flip":
+        path.write_bytes(content[:100] + bytes([content[100] ^ 4]) + content[101:])
+    elif damage == "no_manifest":
+        records.manifest_path(path).unlink()
+    else:
+        path.write_bytes(b"\xff\xfe garbage \x00\x01")
+    assert _run(damaged) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out and "moved it to" in out
+    assert list((path.parent / "damaged").glob(path.name + ".*"))
+    assert records.cell_problem(path) is None
+    assert _deterministic(damaged) == _deterministic(finished)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_rows"])
+def test_plot_never_draws_a_damaged_results_file(finished, damaged, damage, capsys):
+    table = damaged / records.RESULTS_FILE
+    lines = table.read_text().splitlines(keepends=True)
+    if damage == "truncate":
+        table.write_text("".join(lines[: len(lines) // 3]) + lines[len(lines) // 3][:7])
+    elif damage == "garbage":
+        table.write_bytes(b"\x00\x9f\x92\x96 not a table")
+    else:
+        table.write_text("".join(lines[:1] + lines[1::2]))
+    assert main(["plot", str(damaged), "--out", str(damaged / "replot")]) == 0
+    assert str(table) in capsys.readouterr().out
+    assert _deterministic(damaged) == _deterministic(finished)
+    assert records._canonical(records.read_rows(table)) == records._canonical(
+        records.read_rows(finished / records.RESULTS_FILE))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_checksum"])
+def test_a_damaged_baseline_is_named_moved_aside_and_retrained(finished, damaged, damage, capsys):
+    baseline = next((damaged / "baselines").glob("*.pt"))
+    content = baseline.read_bytes()
+    if damage == "truncate":
+        baseline.write_bytes(content[: len(content) // 2])
+    elif damage == "flip":
+        baseline.write_bytes(content[:500] + bytes([content[500] ^ 1]) + content[501:])
+    else:
+        baseline.with_name(baseline.name + ".sha256").unlink()
+    _cell(damaged).unlink()  # a cell to compute, so the baseline is needed
+    assert _run(damaged) == 0
+    out = capsys.readouterr().out
+    assert str(baseline) in out and "training the baseline again" in out
+    assert _deterministic(damaged) == _deterministic(finished)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"run_id": "other", "config": {}}'])
+def test_a_bad_config_file_stops_with_one_line_and_changes_nothing(damaged, content, capsys):
+    (damaged / "config.json").write_bytes(content)
+    before = {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()}
+    assert _run(damaged) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and (str(damaged / "config.json") in error or "other" in error), error
+    assert {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------ refused runs touch nothing
+@pytest.mark.parametrize("argv, words", [
+    (["--init", "missing.pt"], "does not exist"),
+    (["--init", "README.md"], "not a PyTorch checkpoint"),
+    (["--lr", "none"], "lr needs a number"),
+    (["--width", "none"], "width needs a number"),
+])
+def test_a_refused_run_writes_nothing(tmp_path, argv, words, capsys):
+    out = tmp_path / "out"
+    argv = [str(ROOT / a) if a.endswith(("md", ".pt")) else a for a in argv]
+    assert _run(out, *argv) == 2
+    error = capsys.readouterr().err
+    assert words in error and error.count("\n") == 1, error
+    assert not out.exists()
+
+
+def test_out_naming_a_file_or_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert _run(file) == 2
+    assert "is a file" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert _run(locked / "out") == 2
+        assert "permission denied" in capsys.readouterr().err
+
+
+def test_a_run_refused_for_other_settings_keeps_the_original_config(damaged, capsys):
+    before = (damaged / "config.json").read_text()
+    assert _run(damaged, "--lr", "0.5") == 2
+    assert "settings differ: lr" in capsys.readouterr().err
+    assert (damaged / "config.json").read_text() == before
+    assert _run(damaged) == 0  # the original command still resumes
+
+
+# ------------------------------------------------------------------ the lock
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(damaged, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (damaged / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                                   "since": "now"}))
+        assert _run(damaged) == 2
+        assert f"in use by process {sleeper.pid}" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _run(damaged) == 0  # its process is gone: the lock is stale
+    assert f"left by process {sleeper.pid}" in capsys.readouterr().out
+    assert not (damaged / ".lock").exists()
+
+
+def test_scratch_left_by_a_killed_run_is_cleaned(damaged):
+    (damaged / ".scratch-dead").mkdir()
+    (damaged / ".scratch-dead" / "model.pt").write_bytes(b"x" * 100)
+    (damaged / records.CELLS_DIR / ".x.csv.abc.tmp").write_text("half")
+    assert _run(damaged) == 0
+    assert not (damaged / ".scratch-dead").exists()
+    assert not list(damaged.rglob("*.tmp"))
+
+
+def _spawn(out):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "comparison", "run", *TINY, "--methods",
+                             "dense,actuallysparse,torch-prune", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_one_works_the_other_says_who(tmp_path):
+    out = tmp_path / "run"
+    first = _spawn(out)
+    deadline = time.monotonic() + 60
+    while not (out / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-run, however fast this machine is
+    try:
+        second = _spawn(out)
+        _, error = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert f"in use by process {first.pid}" in error.decode()
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert set(records.load_table(out, echo=lambda text: None).method) == {"dense", "actuallysparse", "torch-prune"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_moment_loses_nothing(tmp_path, seed):
+    out = tmp_path / "run"
+    victim = _spawn(out)
+    time.sleep(random.Random(seed).uniform(3.0, 12.0))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _spawn(out)
+    _, error = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, error.decode()[-2000:]
+    table = records.load_table(out, echo=lambda text: None)
+    cells = set(zip(table.method, table.target_sparsity))
+    assert cells == {("dense", 0.0), ("actuallysparse", 0.9), ("torch-prune", 0.9)}
+    assert not (table.metric == records.FAILED_METRIC).any()
+    for cell in (out / records.CELLS_DIR).glob("*.csv"):
+        assert records.cell_problem(cell) is None
+    assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+
+
+# ------------------------------------------------------------------ any command line: 0 or one line
+hypothesis = pytest.importorskip("hypothesis")
+strategies = hypothesis.strategies
+
+_VALUES = strategies.sampled_from(["0", "-1", "1", "0.5", "1.5", "none", "nan", "inf", "", "x", "digits",
+                                   "cifar10", "dense", "nni,dense", "0.9,0.99", "classifier", "all", "cubic",
+                                   "explicit", "0.9", "1e9", "true", "cuda", "adam", "sgd"])
+_FLAGS = strategies.sampled_from(["--dataset", "--methods", "--sparsities", "--seeds", "--scope", "--width",
+                                  "--steps", "--epochs-per-step", "--schedule", "--step-targets",
+                                  "--batch-size", "--optimizer", "--lr", "--limit-train", "--limit-test",
+                                  "--device", "--threads", "--latency-repeats", "--probe-memory", "--init",
+                                  "--pretrain-epochs"])
+
+
+@hypothesis.settings(max_examples=60, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(strategies.lists(strategies.tuples(_FLAGS, _VALUES), max_size=4))
+def test_any_command_line_exits_0_or_2_with_one_line(tmp_path, monkeypatch, options):
+    # Cells are not computed here (the other tests do): a valid command line would train.
+    monkeypatch.setattr(runner, "execute_cells",
+                        lambda plan, *a, **k: runner.RunResult(plan.out_dir, plan.out_dir / records.RESULTS_FILE))
+    monkeypatch.setattr(runner, "write_outputs", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "probe_process_memory",
+                        lambda *a, **k: [Measurement("peak_rss_bytes", 1.0, "bytes")])
+    argv = ["run", "--out", str(tmp_path / f"o{random.random()}"), "--no-progress", "--data-dir",
+            str(tmp_path / "nodata")]
+    for flag, value in options:
+        argv += [flag, value]
+    errors = []
+    import contextlib
+    import io
+
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own usage errors
+            code = exit_.code
+    errors = stream.getvalue()
+    assert code in (0, 2), (argv, code, errors)
+    if code == 2:
+        assert errors.strip() and "Traceback" not in errors, (argv, errors)
+        assert len([line for line in errors.splitlines() if "error:" in line]) == 1, (argv, errors)
