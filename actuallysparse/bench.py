@@ -2,13 +2,26 @@
 
 Run ``python -m actuallysparse.bench`` (``--help`` for options). Every variant of a
 shape and sparsity is timed in the same process, interleaved repeat by repeat, and
-reported as a ratio to dense (``dense time / variant time``: above 1 is faster).
+reported as a ratio to dense (``dense time / variant time``: above 1 is faster). The whole
+measurement is repeated ``--rounds`` times; a ratio is the median over rounds, with the
+lowest and highest round beside it.
 
 * ``masked`` is what NNI and ``torch.nn.utils.prune`` run: the dense weight times a
   mask in every forward (measured on a real ``torch.nn.utils.prune`` layer);
-* ``coo`` and ``csr`` are :class:`~actuallysparse.layers.SparseLayer` in each format;
+* ``coo`` and ``csr`` are :class:`~actuallysparse.layers.SparseLayer` in each format, on the
+  backend the library picks (``backend`` column: the compiled kernels and their instruction
+  set, or torch); ``csr_torch`` is the CSR layer forced onto the torch backend;
 * ``train`` is forward + backward of ``out.sum()`` with the input requiring grad,
-  as for a layer inside a network.
+  as for a layer inside a network; ``train_noinput`` is the same with an input that needs no
+  gradient (a first layer);
+* ``csr_gflops`` is the useful work of the CSR layer (``2 * nnz * batch`` per product: one
+  in inference, three in ``train``, two in ``train_noinput``) per second.
+
+Peers, when installed (``pip install -e ".[peers]"``; SparseProp as its README says): SparseProp's
+``SparseLinear`` (inference and training) and OpenVINO (inference; dense, and with its
+sparse-weight decompression). Each runs its own thread pool, so each is timed in a block of
+its own after the torch variants (interleaving calls across thread pools slows both), and
+compared with the dense time of the same round.
 
 Stored bytes come from :func:`actuallysparse.memory.stored_bytes` (every tensor
 the layer holds); ``train_bytes`` is what it holds after a backward and an Adam step
@@ -17,8 +30,11 @@ the layer holds); ``train_bytes`` is what it holds after a backward and an Adam 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import math
+import platform
 import statistics
 import sys
 import time
@@ -29,15 +45,21 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 from tqdm import tqdm
 
+from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
 from actuallysparse.memory import stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
 
-VARIANTS = ("dense", "masked", "coo", "csr")
+VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
+PEERS = ("sparseprop", "openvino", "openvino_sparse")
+MODES = ("inference", "train", "train_noinput")
+# products of 2 * nnz * batch flops each mode computes
+PRODUCTS = {"inference": 1, "train": 3, "train_noinput": 2}
 DEFAULT_SHAPES = "4096x512,4096x4096,10x4096"
 DEFAULT_SPARSITIES = "0.5,0.9,0.95,0.99"
 DEFAULT_BATCHES = "1,16,64,256"
 DEFAULT_TRAIN_BATCHES = "16,64,128,256"
+DEFAULT_NOINPUT_BATCHES = "128"
 
 
 @dataclass(frozen=True)
@@ -48,10 +70,13 @@ class BenchConfig:
     sparsities: tuple[float, ...]
     batches: tuple[int, ...]
     train_batches: tuple[int, ...]
+    noinput_batches: tuple[int, ...] = ()
     repeats: int = 11
     warmup: int = 2
     threads: int | None = None
     seed: int = 0
+    rounds: int = 1
+    peers: bool = True
 
 
 def _make_variants(out_features: int, in_features: int, sparsity: float, seed: int) -> dict[str, nn.Module]:
@@ -64,7 +89,25 @@ def _make_variants(out_features: int, in_features: int, sparsity: float, seed: i
         layer = convert(dense, fmt)
         prune_to_sparsity(layer, sparsity)
         variants[fmt] = layer
+    variants["csr_torch"] = copy.deepcopy(variants["csr"])
     return variants
+
+
+def _backend_name(layer: nn.Module, in_features: int) -> str:
+    """Which backend the layer's products run on here, e.g. ``native-avx2`` or ``torch``."""
+    backend = functional.backend_for(torch.zeros(1, in_features, dtype=layer.values.dtype), layer._pattern()[0])
+    return f"native-{kernels.isa()}" if backend.name == "native" else backend.name
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _train_bytes(layer: nn.Module, in_features: int) -> int:
@@ -112,39 +155,121 @@ def _train_call(layer: nn.Module, x: torch.Tensor):
     return call
 
 
+def _on_torch_backend(call):
+    def wrapped():
+        with functional.use_backend("torch"):
+            call()
+    return wrapped
+
+
+def _time_block(call, repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``call`` timed alone, back to back."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _sparseprop_layer(pruned: nn.Linear):
+    """SparseProp's layer for a pruned ``nn.Linear``, or ``None`` when SparseProp is not installed."""
+    try:
+        from sparseprop.modules import SparseLinear
+    except ImportError:
+        return None
+    return SparseLinear.from_dense(copy.deepcopy(pruned))
+
+
+def _openvino_factories(pruned: nn.Linear, x: torch.Tensor, threads: int) -> dict:
+    """Builders of OpenVINO inference calls (dense, and with sparse-weight decompression); empty when
+    OpenVINO is not installed. Each builds its compiled model when called: a live OpenVINO model
+    keeps worker threads that would slow the torch variants timed before it."""
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    base = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+    def factory(extra):
+        def build():
+            model = openvino.convert_model(copy.deepcopy(pruned).eval(), example_input=x.detach())
+            request = openvino.Core().compile_model(model, "CPU", {**base, **extra}).create_infer_request()
+            data = x.detach().numpy()
+            return lambda: request.infer({0: data})
+        return build
+
+    return {"openvino": factory({}),
+            "openvino_sparse": factory({"CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": 0.5})}
+
+
 def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
     """Measure every (shape, sparsity, mode, batch); one record per combination.
 
     Returns:
-        Records with ``shape, sparsity, mode, batch, dense_ms`` and, per variant,
-        ``<variant>_ms`` and ``<variant>_speedup`` (dense ms / variant ms), plus
-        ``<variant>_bytes`` (stored) and ``<variant>_train_bytes``.
+        Records with ``shape, sparsity, mode, batch, threads, backend, dense_ms`` and, per variant
+        (and per peer measured), ``<variant>_ms`` and ``<variant>_speedup`` (dense ms / variant ms,
+        medians over rounds) with ``<variant>_speedup_lo`` / ``_hi`` (lowest and highest round),
+        ``dense_gflops`` / ``csr_gflops``, plus ``<variant>_bytes`` (stored) and
+        ``<variant>_train_bytes``.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    threads = torch.get_num_threads()
     jobs = [(shape, sparsity) for shape in config.shapes for sparsity in config.sparsities]
+    plan = (("inference", config.batches), ("train", config.train_batches),
+            ("train_noinput", config.noinput_batches))
     records = []
-    bar = tqdm(total=len(jobs) * (len(config.batches) + len(config.train_batches)),
+    bar = tqdm(total=len(jobs) * sum(len(batches) for _, batches in plan),
                desc="benchmark", disable=not progress, file=sys.stderr)
     for (out_features, in_features), sparsity in jobs:
         variants = _make_variants(out_features, in_features, sparsity, config.seed)
         sizes = {f"{name}_bytes": stored_bytes(layer).total_bytes for name, layer in variants.items()}
         # One Adam step moves the weights a little; timings do not depend on their values.
         train_sizes = {f"{name}_train_bytes": _train_bytes(layer, in_features) for name, layer in variants.items()}
-        for mode, batches in (("inference", config.batches), ("train", config.train_batches)):
+        backend = _backend_name(variants["csr"], in_features)
+        # peers get the same pruned weight as the sparse layers
+        pruned_linear = _with_weight(variants["dense"], _masked_weight(variants))
+        sparseprop = _sparseprop_layer(pruned_linear) if config.peers else None
+        for mode, batches in plan:
             for batch in batches:
                 bar.set_postfix_str(f"{out_features}x{in_features} s={sparsity} {mode} B={batch}")
                 x = torch.randn(batch, in_features, requires_grad=(mode == "train"))
                 make_call = _inference_call if mode == "inference" else _train_call
                 for layer in variants.values():
-                    layer.train(mode == "train")
-                times = _time_interleaved({name: make_call(layer, x) for name, layer in variants.items()},
-                                          config.repeats, config.warmup)
-                record = {"shape": f"{out_features}x{in_features}", "sparsity": sparsity,
-                          "mode": mode, "batch": batch, "threads": torch.get_num_threads()}
-                for name in VARIANTS:
-                    record[f"{name}_ms"] = times[name]
-                    record[f"{name}_speedup"] = times["dense"] / times[name]
+                    layer.train(mode != "inference")
+                calls = {name: make_call(layer, x) for name, layer in variants.items()}
+                calls["csr_torch"] = _on_torch_backend(calls["csr_torch"])
+                peers = {}
+                if sparseprop is not None and mode != "train_noinput":
+                    sparseprop.train(mode == "train")
+                    peers["sparseprop"] = lambda layer=sparseprop: make_call(layer, x)
+                if config.peers and mode == "inference":
+                    peers.update(_openvino_factories(pruned_linear, x, threads))
+                rounds = {name: [] for name in list(calls) + list(peers)}
+                for _ in range(config.rounds):
+                    times = _time_interleaved(calls, config.repeats, config.warmup)
+                    for name, ms in times.items():
+                        rounds[name].append((ms, times["dense"]))
+                    for name, build in peers.items():
+                        call = build()
+                        time.sleep(0.2)  # let the other thread pool's workers go idle
+                        rounds[name].append((_time_block(call, config.repeats, config.warmup), times["dense"]))
+                        del call
+                        time.sleep(0.2)
+                record = {"shape": f"{out_features}x{in_features}", "sparsity": sparsity, "mode": mode,
+                          "batch": batch, "threads": threads, "backend": backend}
+                for name, samples in rounds.items():
+                    ratios = [dense_ms / ms for ms, dense_ms in samples]
+                    record[f"{name}_ms"] = statistics.median(ms for ms, _ in samples)
+                    record[f"{name}_speedup"] = statistics.median(ratios)
+                    record[f"{name}_speedup_lo"] = min(ratios)
+                    record[f"{name}_speedup_hi"] = max(ratios)
+                flops = 2.0 * batch * PRODUCTS[mode]
+                record["dense_gflops"] = flops * out_features * in_features / record["dense_ms"] / 1e6
+                record["csr_gflops"] = flops * variants["csr"].nnz / record["csr_ms"] / 1e6
                 record.update(sizes)
                 record.update(train_sizes)
                 records.append(record)
@@ -153,16 +278,47 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
     return records
 
 
+def _masked_weight(variants: dict) -> torch.Tensor:
+    return variants["csr"].weight.to_dense().detach()
+
+
+def _with_weight(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    copy_ = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        copy_.weight.copy_(weight)
+        copy_.bias.copy_(linear.bias)
+    return copy_
+
+
+def header() -> str:
+    """One line naming what the numbers were measured on: CPU, threads, torch, backend."""
+    isa = kernels.isa() if kernels.is_available() else "unavailable"
+    return (f"CPU: {_cpu_model()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+            f"native kernels: {isa}")
+
+
+def _ratio(record: dict, name: str) -> str:
+    if f"{name}_speedup" not in record or record[f"{name}_speedup"] in ("", None):
+        return "–"
+    value, lo, hi = (float(record[f"{name}_speedup{suffix}"]) for suffix in ("", "_lo", "_hi"))
+    if math.isclose(lo, hi, rel_tol=0.005):
+        return f"{value:.2f}"
+    return f"{value:.2f} ({lo:.2f}–{hi:.2f})"
+
+
 def format_table(records: list[dict]) -> str:
-    """A markdown table of speedups (dense ms / variant ms) and stored MiB."""
-    header = ("| shape | sparsity | mode | batch | dense ms | masked × | coo × | csr × "
-              "| dense MiB | masked MiB | coo MiB | csr MiB |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    """A markdown table of speedups (dense ms / variant ms; lowest–highest round) and stored MiB."""
+    peers = [name for name in PEERS if any(f"{name}_speedup" in r for r in records)]
+    header_ = ("| shape | sparsity | mode | batch | dense ms | masked × | coo × | csr × | csr_torch × "
+               + "".join(f"| {name} × " for name in peers)
+               + "| dense GFLOP/s | csr GFLOP/s | backend | dense MiB | masked MiB | coo MiB | csr MiB |")
+    lines = [header_, "|" + "---|" * (header_.count("|") - 1)]
     mib = 2.0 ** 20
     for r in records:
         lines.append(
             f"| {r['shape']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.2f} "
-            f"| {r['masked_speedup']:.2f} | {r['coo_speedup']:.2f} | {r['csr_speedup']:.2f} "
+            + "".join(f"| {_ratio(r, name)} " for name in ("masked", "coo", "csr", "csr_torch", *peers))
+            + f"| {r['dense_gflops']:.0f} | {r['csr_gflops']:.0f} | {r['backend']} "
             f"| {r['dense_bytes'] / mib:.2f} | {r['masked_bytes'] / mib:.2f} "
             f"| {r['coo_bytes'] / mib:.2f} | {r['csr_bytes'] / mib:.2f} |"
         )
@@ -171,13 +327,19 @@ def format_table(records: list[dict]) -> str:
 
 # Targets from the project's issue for the 4096x4096 layer: (mode, sparsity, batch, minimum speedup).
 TARGETS = (
-    ("inference", 0.90, 64, 2.0),
-    ("inference", 0.90, 1, 1.0),
-    ("inference", 0.90, 256, 1.0),
-    ("inference", 0.99, 64, 8.0),
-    ("train", 0.90, 128, 1.5),
-    ("train", 0.99, 128, 5.0),
+    ("inference", 0.90, 1, 5.0),
+    ("inference", 0.90, 16, 6.0),
+    ("inference", 0.90, 64, 5.0),
+    ("inference", 0.90, 256, 4.0),
+    ("train", 0.90, 64, 5.0),
+    ("train", 0.90, 128, 4.0),
+    ("train", 0.90, 256, 3.5),
+    ("train_noinput", 0.90, 128, 5.0),
+    ("inference", 0.99, 64, 25.0),
+    ("train", 0.99, 64, 30.0),
 )
+# Ours ÷ SparseProp on the same layer, for every target above.
+PEER_TARGET = 1.3
 
 
 def check_targets(records: list[dict]) -> list[str]:
@@ -185,11 +347,17 @@ def check_targets(records: list[dict]) -> list[str]:
     lines = []
     for mode, sparsity, batch, minimum in TARGETS:
         for r in records:
-            if (r["shape"], r["mode"], r["batch"]) == ("4096x4096", mode, batch) and abs(r["sparsity"] - sparsity) < 1e-9:
-                worst = min(r["coo_speedup"], r["csr_speedup"])
-                verdict = "met" if worst >= minimum else "NOT met"
-                lines.append(f"4096x4096 {mode:9s} s={sparsity:.2f} B={batch:<3d} target >= {minimum:.1f}x: "
-                             f"coo {r['coo_speedup']:.2f}x, csr {r['csr_speedup']:.2f}x -> {verdict}")
+            if (r["shape"], r["mode"], int(r["batch"])) == ("4096x4096", mode, batch) \
+                    and abs(float(r["sparsity"]) - sparsity) < 1e-9:
+                coo, csr = float(r["coo_speedup"]), float(r["csr_speedup"])
+                verdict = "met" if min(coo, csr) >= minimum else "NOT met"
+                line = (f"4096x4096 {mode:13s} s={sparsity:.2f} B={batch:<3d} target >= {minimum:.1f}x: "
+                        f"coo {coo:.2f}x, csr {csr:.2f}x -> {verdict}")
+                if r.get("sparseprop_ms"):
+                    versus = float(r["sparseprop_ms"]) / float(r["csr_ms"])
+                    line += (f"; csr ÷ SparseProp {versus:.2f}x "
+                             f"({'met' if versus >= PEER_TARGET else 'NOT met'} >= {PEER_TARGET}x)")
+                lines.append(line)
     return lines
 
 
@@ -216,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", default=DEFAULT_SPARSITIES)
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help="batch sizes for inference")
     parser.add_argument("--train-batches", default=DEFAULT_TRAIN_BATCHES, help="batch sizes for training steps")
+    parser.add_argument("--noinput-batches", default=DEFAULT_NOINPUT_BATCHES,
+                        help="batch sizes for training steps whose input needs no gradient")
     parser.add_argument("--repeats", type=int, default=11, help="timed runs per variant (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat the whole measurement to show its spread")
+    parser.add_argument("--no-peers", action="store_true", help="skip SparseProp and OpenVINO even if installed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one 256x512 layer at 0.9, few repeats (replaces the list options)")
@@ -227,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         sparsities = _parse_list(args.sparsities, float, "sparsities")
         batches = _parse_list(args.batches, int, "batches")
         train_batches = _parse_list(args.train_batches, int, "train-batches")
+        noinput_batches = _parse_list(args.noinput_batches, int, "noinput-batches")
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     bad = [s for s in sparsities if not 0 <= s < 1]
@@ -234,17 +407,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sparsities must lie in [0, 1), got {bad}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.quick:
-        shapes, sparsities, batches, train_batches, repeats = ((256, 512),), (0.9,), (1, 16), (16,), 3
+        shapes, sparsities, batches, train_batches, noinput_batches = ((256, 512),), (0.9,), (1, 16), (16,), (16,)
+        repeats, rounds = 3, 1
     else:
-        repeats = args.repeats
-    config = BenchConfig(shapes=shapes, sparsities=sparsities, batches=batches,
-                         train_batches=train_batches, repeats=repeats, threads=args.threads)
+        repeats, rounds = args.repeats, args.rounds
+    config = BenchConfig(shapes=shapes, sparsities=sparsities, batches=batches, train_batches=train_batches,
+                         noinput_batches=noinput_batches, repeats=repeats, threads=args.threads,
+                         rounds=rounds, peers=not args.no_peers)
     records = run_benchmark(config)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"speedup = dense ms / variant ms (>1: faster than dense); MiB = bytes stored by the layer")
+    print(header())
+    print(f"speedup = dense ms / variant ms (>1: faster than dense), median of {rounds} round(s) "
+          f"(lowest–highest round in brackets); MiB = bytes stored by the layer")
     print(format_table(records))
     targets = check_targets(records)
     if targets:
@@ -252,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(targets))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            fields = list(dict.fromkeys(key for record in records for key in record))
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(records)
     return 0

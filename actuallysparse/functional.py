@@ -162,10 +162,32 @@ TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_val
 NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward)
 
 _fallback_warned = False
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the code inside on one backend (``native`` or ``torch``), as ``ACTUALLYSPARSE_BACKEND`` would.
+
+    Example::
+
+        >>> with use_backend("torch"):
+        ...     y = layer(x)
+    """
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'native' or 'torch', got {name!r}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
 
 
 def forced_backend() -> str | None:
-    """The backend named by ``ACTUALLYSPARSE_BACKEND``, or ``None`` when it is unset."""
+    """The backend forced by :func:`use_backend` or ``ACTUALLYSPARSE_BACKEND``; ``None`` when neither is."""
+    if _override is not None:
+        return _override
     forced = os.environ.get(BACKEND_VARIABLE, "").strip().lower()
     if not forced:
         return None

@@ -8,26 +8,37 @@ from actuallysparse import bench
 
 def test_quick_benchmark_prints_all_variants(tmp_path, capsys):
     out = tmp_path / "bench.csv"
-    assert bench.main(["--quick", "--csv", str(out)]) == 0
+    assert bench.main(["--quick", "--no-peers", "--csv", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| shape | sparsity | mode | batch |" in printed
+    assert "CPU: " in printed and "threads" in printed
     rows = list(csv.DictReader(out.open()))
-    assert {row["mode"] for row in rows} == {"inference", "train"}
+    assert {row["mode"] for row in rows} == {"inference", "train", "train_noinput"}
     for row in rows:
         for variant in bench.VARIANTS:
             assert float(row[f"{variant}_ms"]) > 0
+        assert float(row["csr_gflops"]) > 0 and row["backend"]
+        assert float(row["csr_speedup_lo"]) <= float(row["csr_speedup"]) <= float(row["csr_speedup_hi"])
         # stored bytes: CSR < COO < dense < masked (weight + mask + copy)
         assert (int(row["csr_bytes"]) < int(row["coo_bytes"]) < int(row["dense_bytes"])
                 < int(row["masked_bytes"]))
 
 
+def test_peers_join_the_table_when_installed(capsys):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[peers]')")
+    assert bench.main(["--quick"]) == 0
+    assert "| openvino × |" in capsys.readouterr().out
+
+
 def test_targets_are_checked_from_records():
-    record = {"shape": "4096x4096", "mode": "train", "batch": 128, "sparsity": 0.99,
-              "coo_speedup": 6.0, "csr_speedup": 4.0}
+    record = {"shape": "4096x4096", "mode": "train", "batch": 128, "sparsity": 0.9,
+              "coo_speedup": 4.5, "csr_speedup": 3.0}
     (line,) = bench.check_targets([record])
     assert "NOT met" in line
-    record["csr_speedup"] = 7.0
+    record["csr_speedup"] = 4.2
     assert "-> met" in bench.check_targets([record])[0]
+    record.update(sparseprop_ms=2.0, csr_ms=1.0)
+    assert "csr ÷ SparseProp 2.00x (met" in bench.check_targets([record])[0]
 
 
 @pytest.mark.parametrize("argv, message", [(["--sparsities", "1.5"], "--sparsities"),
