@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -142,4 +143,161 @@ def probe_process_memory(
     ]
     if "cuda_max_allocated_bytes" in result:
         rows.append(Measurement("cuda_max_allocated_bytes", result["cuda_max_allocated_bytes"], "bytes"))
+    return rows
+
+
+# --------------------------------------------------------------- against the dense reference
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
+    """Floating-point operations of one forward pass of one sample, as the model computes it.
+
+    Dense layers (plain, masked or shrunk) are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
+    (2 per multiply-add of every matrix product and convolution). A
+    :class:`~actuallysparse.layers.SparseLayer` is counted as it computes: 2 per stored weight
+    (its kernel multiplies only the non-zeros). Element-wise work (masks, activations, batch
+    norm) is not counted, as FlopCounterMode does not count it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actuallysparse.layers import SparseLayer
+
+    sparse_flops = sum(2 * module.nnz for module in model.modules() if isinstance(module, SparseLayer))
+    counted = _with_sparse_layers_silent(model) if sparse_flops or any(
+        isinstance(module, SparseLayer) for module in model.modules()) else model
+    device = next(iter(model.parameters())).device
+    was_training = counted.training
+    counted.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        counted(torch.zeros(1, *input_shape, device=device))
+    counted.train(was_training)
+    return int(counter.get_total_flops()) + sparse_flops
+
+
+class _Silent(nn.Module):
+    """Stands in for a sparse layer while dense FLOPs are counted: right shape, no counted work."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _with_sparse_layers_silent(model: nn.Module) -> nn.Module:
+    import copy
+
+    from actuallysparse.layers import SparseLayer
+
+    counted = copy.deepcopy(model)
+    for name, module in list(counted.named_modules()):
+        if isinstance(module, SparseLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(counted.get_submodule(parent_name) if parent_name else counted, child, _Silent(module.out_features))
+    return counted
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes the model holds to compute (every tensor once: weights, indices, masks, copies,
+    buffers), without gradients or optimizer state."""
+    report = stored_bytes(model)
+    return report.total_bytes - report.by_category.get("gradients", 0)
+
+
+@dataclass(frozen=True)
+class DenseReference:
+    """The dense baseline a cell compares itself with, measured in the same process.
+
+    Attributes:
+        model: the dense baseline (eval mode), timed interleaved with the cell's model.
+        flops: its :func:`forward_flops`.
+        bytes: its :func:`held_bytes`.
+        train_step_ms: median wall time of its training step at the run's batch size.
+    """
+
+    model: nn.Module
+    flops: int
+    bytes: int
+    train_step_ms: float
+
+
+def dense_reference(model: nn.Module, optimizer_factory, *, batch_size: int, steps: int = 5,
+                    device: torch.device | str = "cpu", input_shape: tuple[int, ...] = IMAGE_SHAPE,
+                    num_classes: int = 10) -> DenseReference:
+    """Measure the dense baseline ``model``: FLOPs, bytes, and the median of ``steps`` timed
+    training steps (after one untimed) of a copy, so ``model`` itself is left as it was."""
+    import copy
+
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    trained = copy.deepcopy(model).to(device).train()
+    optimizer = optimizer_factory(trained.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_shape, generator=generator).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    times = []
+    for index in range(steps + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = F.cross_entropy(trained(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        if index:
+            times.append((time.perf_counter() - start) * 1e3)
+    del trained, optimizer
+    model = model.to(device).eval()
+    return DenseReference(model, forward_flops(model, input_shape), held_bytes(model), statistics.median(times))
+
+
+@torch.inference_mode()
+def latency_pair_ms(model: nn.Module, reference: nn.Module, batch_size: int, *, repeats: int = 10, warmup: int = 2,
+                    device: torch.device | str = "cpu", input_shape: tuple[int, ...] = IMAGE_SHAPE) -> tuple[float, float]:
+    """Median wall times in ms of ``model`` and ``reference`` on one batch, timed alternately.
+
+    Interleaving the two, repeat by repeat, puts both under the same conditions (a busy core,
+    a clock that drifts), so their ratio is steadier than two separate medians.
+    """
+    device = torch.device(device)
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for index in range(warmup + repeats):
+        for which, module in enumerate((model, reference)):
+            synchronize(device)
+            start = time.perf_counter()
+            module(x)
+            synchronize(device)
+            if index >= warmup:
+                times[which].append((time.perf_counter() - start) * 1e3)
+    model.train(modes[0])
+    reference.train(modes[1])
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def comparison_measurements(model: nn.Module, reference: DenseReference, *, batch_sizes: list[int], repeats: int,
+                            train_step_ms: float | None, device: torch.device | str = "cpu") -> list[Measurement]:
+    """Latency at each batch size, and the cell against its dense reference: FLOPs, theoretical
+    and measured speedup (dense ÷ cell: above 1 is faster), compression (dense bytes ÷ bytes held)."""
+    flops = forward_flops(model)
+    rows = [
+        Measurement("flops", flops, "flop", "one forward pass of one sample; a sparse layer counts 2 per stored weight"),
+        Measurement("theoretical_speedup", reference.flops / flops if flops else math.nan, "ratio",
+                    "dense FLOPs / this model's FLOPs"),
+        Measurement("compression_ratio", reference.bytes / held_bytes(model), "ratio",
+                    "dense bytes / bytes held (weights, indices, masks, copies, buffers; no gradients)"),
+    ]
+    largest = max(batch_sizes)
+    for batch_size in batch_sizes:
+        ms, dense_ms = latency_pair_ms(model, reference.model, batch_size, repeats=repeats, device=device)
+        rows.append(Measurement(latency_metric(batch_size), ms, "ms"))
+        name = "measured_speedup" if batch_size == largest else f"measured_speedup_batch{batch_size}"
+        rows.append(Measurement(name, dense_ms / ms, "ratio",
+                                f"dense latency / this model's latency, inference at batch {batch_size}, timed alternately"))
+    if train_step_ms:
+        rows.append(Measurement("measured_speedup_train_step", reference.train_step_ms / train_step_ms, "ratio",
+                                "dense training step / this model's training step (median), same batch size"))
     return rows

@@ -37,6 +37,7 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ("stored_bytes_vs_sparsity.png", lambda: plot_bytes_vs_sparsity(final)),
         ("accuracy_vs_bytes.png", lambda: plot_accuracy_vs_bytes(final)),
         ("training_curves.png", lambda: plot_training_curves(table)),
+        ("speedup_measured_vs_theoretical.png", lambda: plot_speedup_measured_vs_theoretical(final)),
     ):
         figure = draw()
         if figure is None:
@@ -83,12 +84,17 @@ def _against_sparsity(axis, final: pd.DataFrame, metric: str, scale: float = 1.0
             continue
         rows = rows[rows["target_sparsity"] > 0]
         marker, linestyle = method_style(method)
-        axis.errorbar(rows["target_sparsity"], rows["mean"] / scale, yerr=rows["std"] / scale,
+        axis.errorbar(rows["target_sparsity"], rows["mean"] / scale, yerr=_error(rows) / scale,
                       marker=marker, linestyle=linestyle, capsize=3, color=color, label=method)
     _sparsity_axis(axis, final)
     axis.set_xlabel("target sparsity (fraction of pruned-layer weights that are zero)")
     axis.grid(True, which="both", alpha=0.3)
     return True
+
+
+def _error(stats: pd.DataFrame) -> pd.Series:
+    """Error bars: the 95 % confidence half-width over seeds (none for a single seed)."""
+    return stats["half_width"].fillna(0.0)
 
 
 def _legend(axis, **kwargs) -> None:
@@ -164,8 +170,8 @@ def plot_accuracy_vs_bytes(final: pd.DataFrame):
         if rows.empty:
             continue
         marker, linestyle = method_style(method)
-        axis.errorbar(rows["mean_bytes"] / MIB, rows["mean_acc"], xerr=rows["std_bytes"] / MIB,
-                      yerr=rows["std_acc"], marker=marker, capsize=3, color=method_color(method, is_reference(final, method)),
+        axis.errorbar(rows["mean_bytes"] / MIB, rows["mean_acc"], xerr=rows["half_width_bytes"].fillna(0) / MIB,
+                      yerr=rows["half_width_acc"].fillna(0), marker=marker, capsize=3, color=method_color(method, is_reference(final, method)),
                       label=method, linestyle=linestyle if len(rows) > 1 else "none")
         for row in rows.itertuples():
             axis.annotate(f"{row.target_sparsity:g}", (row.mean_bytes / MIB, row.mean_acc),
@@ -176,6 +182,38 @@ def plot_accuracy_vs_bytes(final: pd.DataFrame):
     axis.set_title("Accuracy against memory (labels: target sparsity)")
     axis.grid(True, which="both", alpha=0.3)
     _legend(axis)
+    return figure
+
+
+def plot_speedup_measured_vs_theoretical(final: pd.DataFrame):
+    """Measured speedup (dense latency ÷ latency, inference at the run's batch size) against the
+    theoretical one (dense FLOPs ÷ FLOPs), one point per method and target, the diagonal drawn:
+    points below it lose to overheads what their FLOPs promise."""
+    theoretical = seed_stats(final, "theoretical_speedup")
+    measured = seed_stats(final, "measured_speedup")
+    if theoretical.empty or measured.empty:
+        return None
+    merged = theoretical.merge(measured, on=["method", "target_sparsity"], suffixes=("_flops", "_time"))
+    figure, axis = plt.subplots(figsize=(6.4, 4.8))
+    for method in dict.fromkeys(merged["method"]):
+        rows = merged[merged["method"] == method].sort_values("target_sparsity")
+        marker, _ = method_style(method)
+        axis.errorbar(rows["mean_flops"], rows["mean_time"], yerr=rows["half_width_time"].fillna(0), marker=marker,
+                      linestyle="none", capsize=3, color=method_color(method, is_reference(final, method)),
+                      label=method)
+        for row in rows.itertuples():
+            axis.annotate(f"{row.target_sparsity:g}", (row.mean_flops, row.mean_time), textcoords="offset points",
+                          xytext=(4, 4), fontsize=8)
+    top = max(float(merged["mean_flops"].max()), float(merged["mean_time"].max()), 1.0) * 1.3
+    bottom = min(float(merged["mean_flops"].min()), float(merged["mean_time"].min()), 1.0) / 1.3
+    axis.plot([bottom, top], [bottom, top], color="gray", linestyle=":", label="measured = theoretical")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("theoretical speedup (dense FLOPs / FLOPs)")
+    axis.set_ylabel("measured speedup (dense latency / latency)")
+    axis.set_title("What the FLOPs promise and what the clock says (labels: target)")
+    axis.grid(True, which="both", alpha=0.3)
+    _legend(axis, fontsize=8)
     return figure
 
 

@@ -32,20 +32,61 @@ def final_values(table: pd.DataFrame) -> pd.DataFrame:
     return ok[ok["step"] == last]
 
 
-def seed_stats(frame: pd.DataFrame, metric: str, by: tuple[str, ...] = ("method", "target_sparsity")) -> pd.DataFrame:
-    """Mean, standard deviation, min, max and count over seeds of ``metric``, grouped by ``by``.
+def confidence_half_width(std: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the Student-t confidence interval of a mean of ``n`` values with sample
+    standard deviation ``std``: ``t_{(1+level)/2, n-1} * std / sqrt(n)``; NaN for one value.
 
-    The standard deviation is 0 for a single seed (there is no spread to show).
+    Example (a textbook case: n = 10, s = 2.5, 95 %: t = 2.262, half-width 1.788)::
+
+        >>> round(confidence_half_width(2.5, 10), 3)
+        1.788
+    """
+    if n < 2 or not math.isfinite(std):
+        return math.nan
+    from scipy.stats import t
+
+    return float(t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n))
+
+
+def seed_stats(frame: pd.DataFrame, metric: str, by: tuple[str, ...] = ("method", "target_sparsity")) -> pd.DataFrame:
+    """Mean, standard deviation, 95 % interval half-width, min, max and count over seeds of
+    ``metric``, grouped by ``by``.
+
+    The standard deviation is 0 and the half-width NaN for a single seed (no spread to show).
     """
     rows = frame[frame["metric"] == metric]
-    columns = list(by) + ["mean", "std", "min", "max", "n"]
+    columns = list(by) + ["mean", "std", "half_width", "min", "max", "n"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     grouped = rows.groupby(list(by))["value"]
     stats = grouped.agg(["mean", "std", "min", "max", "count"]).reset_index()
     stats = stats.rename(columns={"count": "n"})
     stats["std"] = stats["std"].fillna(0.0)
+    stats["half_width"] = [confidence_half_width(std, n) for std, n in zip(stats["std"], stats["n"])]
     return stats[columns]
+
+
+def separation(stats: pd.DataFrame, higher_is_better: bool = True) -> tuple[list[str], list[str]]:
+    """Which methods the data cannot tell apart from the best one, and which it can.
+
+    Two methods are told apart when their 95 % intervals do not overlap; with a single seed
+    there is no interval, so nothing is told apart.
+
+    Returns:
+        ``(indistinguishable, separated)``: methods whose interval overlaps the best method's
+        (the best included), and the others.
+    """
+    if stats.empty:
+        return [], []
+    ordered = stats.sort_values("mean", ascending=not higher_is_better)
+    best = ordered.iloc[0]
+    low = best["mean"] - (best["half_width"] if math.isfinite(best["half_width"]) else math.inf)
+    high = best["mean"] + (best["half_width"] if math.isfinite(best["half_width"]) else math.inf)
+    close, apart = [], []
+    for row in ordered.itertuples():
+        width = row.half_width if math.isfinite(row.half_width) else math.inf
+        (close if row.mean - width <= high and row.mean + width >= low else apart).append(row.method)
+    return close, apart
 
 
 def is_reference(table: pd.DataFrame, method: str) -> bool:
@@ -64,7 +105,14 @@ def latency_batch_sizes(table: pd.DataFrame) -> list[int]:
 def _columns(batch_sizes: list[int]) -> list[tuple[str, str, float, int]]:
     columns = [
         ("accuracy", "test_accuracy", 1.0, 4),
+        ("test loss", "test_loss", 1.0, 3),
         ("sparsity", "achieved_sparsity", 1.0, 4),
+        ("MFLOPs", "flops", 1e6, 1),
+        ("theoretical speedup", "theoretical_speedup", 1.0, 2),
+        ("measured speedup", "measured_speedup", 1.0, 2),
+        ("measured speedup b1", "measured_speedup_batch1", 1.0, 2),
+        ("measured speedup train", "measured_speedup_train_step", 1.0, 2),
+        ("compression", "compression_ratio", 1.0, 2),
         ("pruned layers MiB", "pruned_layers_bytes", MIB, 2),
         ("model MiB", "stored_bytes", MIB, 2),
         ("optimizer MiB", "optimizer_state_bytes", MIB, 2),
@@ -79,13 +127,16 @@ def _columns(batch_sizes: list[int]) -> list[tuple[str, str, float, int]]:
 def summary_markdown(table: pd.DataFrame) -> str:
     """A markdown summary: for each target sparsity, every method's final values beside dense's.
 
-    Values are means over seeds, with ``± std`` when there is more than one seed. "process
-    +MiB" is what loading and running the model added to a fresh process's peak memory.
+    Values are means over seeds, with ``± h`` (the half-width of the 95 % Student-t interval)
+    when there are several seeds. Below the table, for each target, a sentence says which
+    methods accuracy cannot tell apart. "process +MiB" is what loading and running the model
+    added to a fresh process's peak memory; speedups and compression are dense ÷ the method,
+    measured in the same cell.
     """
     if table.empty:
         return "No finished cells yet."
     final = final_values(table)
-    columns = _columns(latency_batch_sizes(table))
+    columns = [column for column in _columns(latency_batch_sizes(table)) if (final["metric"] == column[1]).any()]
     stats = {metric: seed_stats(final, metric) for _, metric, _, _ in columns}
     header = "| target | method | " + " | ".join(name for name, _, _, _ in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
@@ -107,12 +158,18 @@ def summary_markdown(table: pd.DataFrame) -> str:
     seeds = sorted(table["seed"].unique())
     run_ids = ", ".join(sorted(map(str, table["run_id"].unique())))
     meta = table.iloc[0]
+    spread = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± half-width of the 95 % confidence "
+              f"interval (Student t)" if len(seeds) > 1 else f"1 seed ({seeds[0]}), no interval")
     parts = [
         f"## Summary (run {run_ids}, {meta['dataset']}, {meta['device']} {meta['device_name']}, "
-        f"{meta['threads']} threads, seeds {', '.join(map(str, seeds))})",
+        f"{meta['threads']} threads; {spread})",
         "",
         *lines,
+        "",
+        *accuracy_verdicts(final, targets, references),
     ]
+    if note := mixed_nodes_note(table):
+        parts += ["", note]
     failed = failed_cells(table)
     if len(failed):
         parts += ["", "Failed cells:"]
@@ -121,12 +178,45 @@ def summary_markdown(table: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def accuracy_verdicts(final: pd.DataFrame, targets: list[float], references: set[str]) -> list[str]:
+    """One sentence per target: which methods' accuracies the seeds cannot tell apart."""
+    stats = seed_stats(final, "test_accuracy")
+    lines = []
+    for target in targets:
+        at = stats[(stats["target_sparsity"] == target) & ~stats["method"].isin(references)]
+        if len(at) < 2:
+            continue
+        if (at["n"] < 2).all():
+            lines.append(f"- At {target:g}: 1 seed, no interval; accuracy differences between methods are not "
+                         f"shown to be real.")
+            continue
+        close, apart = separation(at)
+        sentence = f"- At {target:g}: accuracy does not separate {', '.join(close)} (95 % intervals overlap: " \
+                   f"indistinguishable at this size)" if len(close) > 1 else \
+                   f"- At {target:g}: {close[0]} has the highest accuracy, its interval clear of the others'"
+        if apart and len(close) > 1:
+            sentence += f"; {', '.join(apart)} {'is' if len(apart) == 1 else 'are'} below, intervals apart"
+        lines.append(sentence + ".")
+    return lines
+
+
+def mixed_nodes_note(table: pd.DataFrame) -> str | None:
+    """A warning line when the rows were measured on more than one kind of node (CPU or GPU model,
+    threads), e.g. a grid run on a mixed Ray cluster; ``None`` when they all come from one kind."""
+    kinds = table[["device", "device_name", "threads"]].drop_duplicates()
+    if len(kinds) < 2:
+        return None
+    listed = "; ".join(f"{row.device} {row.device_name}, {row.threads} threads" for row in kinds.itertuples())
+    return (f"Note: the rows were measured on {len(kinds)} kinds of node ({listed}); latencies and times "
+            f"compare only between rows of one kind (the host, device_name and threads columns say which).")
+
+
 def _format_stat(hit: pd.DataFrame, scale: float, decimals: int) -> str:
     if hit.empty or not math.isfinite(float(hit["mean"].iloc[0])):
         return "–"
     mean = float(hit["mean"].iloc[0]) / scale
-    std = float(hit["std"].iloc[0]) / scale
+    half_width = float(hit["half_width"].iloc[0]) / scale
     text = f"{mean:.{decimals}f}"
-    if int(hit["n"].iloc[0]) > 1:
-        text += f" ± {std:.{decimals}f}"
+    if int(hit["n"].iloc[0]) > 1 and math.isfinite(half_width):
+        text += f" ± {half_width:.{decimals}f}"
     return text

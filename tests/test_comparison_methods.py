@@ -14,7 +14,7 @@ from comparison.methods.base import magnitude_keep_mask
 from comparison.models import vgg11_bn
 from comparison.training import make_optimizer
 
-PRUNING = ["actuallysparse", "nni", "torch-prune"]
+PRUNING = ["actuallysparse", "nni", "torch-prune", "random"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def _effective_weights(method, model):
 
 def test_registry_and_unknown_method():
     assert set(available_methods()) == {"dense", "actuallysparse", "nni", "torch-prune", "actuallysparse-coo",
-                                        "actuallysparse-orphaned"}
+                                        "actuallysparse-orphaned", "random", "nni-structured"}
     with pytest.raises(ValueError, match="unknown method 'magic'.*actuallysparse, actuallysparse-coo, actuallysparse-orphaned, dense, nni"):
         make_method("magic")
     with pytest.raises(ValueError, match="classifier, all"):
@@ -108,7 +108,7 @@ def test_pruned_layers_train_and_pruned_weights_stay_zero(baseline, name, scope)
         assert not torch.allclose(after[layer][kept], before[layer][kept]), f"{name}: {layer} did not train"
 
 
-@pytest.mark.parametrize("name", ["actuallysparse", "torch-prune"])
+@pytest.mark.parametrize("name", ["actuallysparse", "torch-prune", "random"])
 def test_pruning_never_regrows(baseline, name):
     method, model, optimizer = _prepared(baseline, name)
     method.prune(model, 0.5, optimizer)
@@ -181,3 +181,62 @@ def test_magnitude_keep_mask_keeps_the_largest_and_never_regrows():
     previous = torch.tensor([[True, False, True], [True, True, True]])
     keep = magnitude_keep_mask(weight, 0.5, previous)
     assert not keep[0, 1] and keep.sum() == 3
+
+
+@pytest.mark.parametrize("scope", ["classifier", "all"])
+def test_random_differs_from_magnitude_and_is_seeded(baseline, scope):
+    kept = {}
+    for name, seed in (("actuallysparse", 0), ("random", 0), ("random", 0), ("random", 1)):
+        method = make_method(name, scope, seed)
+        model = method.prepare(copy.deepcopy(baseline), target_layer_names(baseline, scope))
+        method.prune(model, 0.9, make_optimizer(model.parameters(), RunConfig()))
+        kept.setdefault(name, []).append({k: v != 0 for k, v in _effective_weights(method, model).items()})
+    magnitude, (first, again, other) = kept["actuallysparse"][0], kept["random"]
+    for layer in magnitude:
+        assert torch.equal(first[layer], again[layer])          # same seed, same choice
+        assert not torch.equal(first[layer], magnitude[layer])  # not the magnitude choice
+        assert not torch.equal(first[layer], other[layer])      # another seed, another choice
+        assert abs(first[layer].float().mean() - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("scope", ["classifier", "all"])
+def test_nni_structured_shrinks_the_model_to_each_target(baseline, scope):
+    method, model, optimizer = _prepared(baseline, "nni-structured", scope)
+    dense_weights = sum(model.get_submodule(name).weight.numel() for name in method.targets)
+    for target in (0.5, 0.9):
+        optimizer = method.prune(model, target, optimizer) or optimizer
+        zeros, total = method.sparsity_counts(model)
+        assert abs(zeros / total - target) <= 0.05, (target, zeros / total)
+        # the optimizer it hands back trains the new, smaller parameters
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert held == {id(p) for p in model.parameters()}
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(model, optimizer, steps=1)
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    # the weights are gone from the model, not zeroed
+    assert sum(model.get_submodule(name).weight.numel() for name in method.targets) < 0.15 * dense_weights
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_nni_structured_speedup_computes_what_the_masked_model_computed():
+    from comparison.methods import nni_masks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    method = make_method("nni-structured", "all")
+    method.prepare(model, target_layer_names(model, "all"))
+    x = torch.randn(5, 3, 32, 32)
+    fraction = method.channel_fraction(0.6)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():  # what the pruner's masks compute: the smallest-L1 channels zeroed
+        for name in method.targets[:-1]:
+            layer = masked.get_submodule(name)
+            outputs = layer.weight.shape[0]
+            norms = layer.weight.abs().flatten(1).sum(1)
+            dropped = torch.topk(norms, outputs - nni_masks._keep(outputs, fraction), largest=False).indices
+            layer.weight[dropped] = 0
+            layer.bias[dropped] = 0
+    method.prune(model, 0.6, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert model[0].out_channels < 8 and model[6].out_features < 16
+    torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-5)

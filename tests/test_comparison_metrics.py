@@ -129,3 +129,30 @@ def test_child_process_failure_is_reported(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="memory probe exited"):
         probe_process_memory(model, batch_size=1, threads=1, directory=tmp_path, input_shape=(3,))
+
+
+def test_flops_of_a_small_network_equal_a_hand_count():
+    import torch.nn.utils.prune as torch_prune
+    from torch import nn
+
+    from actuallysparse.converter import convert_model
+    from actuallysparse.pruning import prune_to_sparsity
+    from comparison.metrics import forward_flops
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    conv = 2 * 4 * 3 * 9 * 32 * 32           # 2 per multiply-add, every output pixel
+    linears = 2 * 4 * 8 + 2 * 8 * 2
+    assert forward_flops(dense) == conv + linears
+    masked = convert_model(dense, nn.Linear, "dense")
+    torch_prune.l1_unstructured(masked[4], "weight", amount=0.5)
+    assert forward_flops(masked) == conv + linears  # a mask saves no work
+    sparse = convert_model(dense, nn.Linear, "csr")
+    prune_to_sparsity(sparse, 0.75)
+    assert sparse[4].nnz == 8 and sparse[6].nnz == 4
+    assert forward_flops(sparse) == conv + 2 * (8 + 4)  # 2 per stored weight
+    shrunk = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert forward_flops(shrunk) == 2 * 2 * 3 * 9 * 32 * 32 + 2 * 2 * 4 + 2 * 4 * 2
+    assert isinstance(sparse[4], type(sparse[6]))  # counting left the model as it was

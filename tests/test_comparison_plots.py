@@ -10,7 +10,7 @@ from comparison.records import Cell, make_row
 from comparison.summary import final_values, seed_stats, summary_markdown
 
 ENV = {"run_id": "r1", "dataset": "digits", "device": "cpu", "device_name": "test cpu", "threads": 2,
-       "torch_version": "2.x", "nni_version": "3.0", "git_commit": "unknown"}
+       "torch_version": "2.x", "nni_version": "3.0", "git_commit": "unknown", "host": "testhost"}
 MIB = 1024 * 1024
 
 
@@ -52,6 +52,35 @@ def test_final_values_and_seed_stats():
     assert row["mean"] == pytest.approx(0.9 - 0.09 + 0.005 - 0.002)
     assert row["std"] == pytest.approx(pd.Series([0.0, 0.01]).std())
     assert row["n"] == 2
+    # two seeds: t(0.975, 1) = 12.706
+    assert row["half_width"] == pytest.approx(12.706 * row["std"] / 2 ** 0.5, rel=1e-4)
+
+
+def test_confidence_interval_matches_a_textbook_example():
+    from comparison.summary import confidence_half_width
+
+    # n = 16, s = 4: t(0.975, 15) = 2.131, half-width 2.131 * 4 / 4 = 2.131
+    assert confidence_half_width(4.0, 16) == pytest.approx(2.1314, abs=1e-4)
+    # n = 25, s = 10, 90 %: t(0.95, 24) = 1.711, half-width 3.422
+    assert confidence_half_width(10.0, 25, level=0.90) == pytest.approx(3.4218, abs=1e-3)
+    assert confidence_half_width(1.0, 1) != confidence_half_width(1.0, 1)  # NaN: one value has no interval
+
+
+def test_summary_says_when_accuracy_does_not_separate_methods():
+    rows = synthetic_rows()
+    text = summary_markdown(pd.DataFrame(rows))
+    assert "2 seeds (0, 1): mean ± half-width of the 95 % confidence interval" in text
+    # the two methods differ by far less than their intervals at each target
+    assert "At 0.9: accuracy does not separate" in text and "indistinguishable" in text
+    single = summary_markdown(pd.DataFrame([row for row in rows if row["seed"] == 0]))
+    assert "1 seed (0), no interval" in single and "not shown to be real" in single
+
+
+def test_separated_methods_are_named_apart():
+    from comparison.summary import separation
+
+    stats = pd.DataFrame({"method": ["a", "b", "c"], "mean": [0.9, 0.89, 0.5], "half_width": [0.02, 0.02, 0.01]})
+    assert separation(stats) == (["a", "b"], ["c"])
 
 
 def test_summary_puts_methods_beside_dense_at_each_sparsity():
@@ -60,8 +89,8 @@ def test_summary_puts_methods_beside_dense_at_each_sparsity():
     assert "latency b64 ms" in lines[0] and "accuracy" in lines[0]
     assert sum(line.startswith("| (reference) | dense") for line in lines) == 2
     sparse_99 = next(line for line in lines if line.startswith("| 0.99 | actuallysparse"))
-    # mean ± std over the two seeds; 0.01 * 8 MiB / 2 = 0.04 MiB for the pruned layers
-    assert "0.8040 ± 0.0071" in sparse_99 and "| 0.04 ± 0.00 |" in sparse_99
+    # mean ± 95 % half-width over the two seeds (12.706 * 0.00707 / sqrt 2 = 0.0635); 0.01 * 8 MiB / 2 = 0.04 MiB
+    assert "0.8040 ± 0.0635" in sparse_99 and "| 0.04 ± 0.00 |" in sparse_99
 
 
 def test_summary_lists_failed_cells():
@@ -76,7 +105,7 @@ def test_plot_all_from_a_saved_table(saved_table):
     paths = plot_all(table, saved_table / "plots")
     names = {p.name for p in paths}
     assert names == {"accuracy_vs_sparsity.png", "latency_vs_sparsity.png", "stored_bytes_vs_sparsity.png",
-                     "accuracy_vs_bytes.png", "training_curves.png"}
+                     "accuracy_vs_bytes.png", "training_curves.png"}  # no speedup metrics in this table
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 

@@ -37,7 +37,7 @@ def available_methods() -> dict[str, type[Method]]:
     return found
 
 
-def make_method(name: str, scope: str = "classifier") -> Method:
+def make_method(name: str, scope: str = "classifier", seed: int = 0) -> Method:
     """A new instance of the method called ``name`` (one per cell: methods keep per-model state).
 
     Raises:
@@ -46,4 +46,4 @@ def make_method(name: str, scope: str = "classifier") -> Method:
     methods = available_methods()
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(sorted(methods))}")
-    return methods[name](scope)
+    return methods[name](scope, seed)

@@ -8,7 +8,8 @@ from torch import nn
 from actuallysparse.converter import convert
 from actuallysparse.layers import SparseLayer
 from actuallysparse.optim import abandon_successor, orphan_remapping_disabled
-from actuallysparse.pruning import prune_to_sparsity
+from actuallysparse.pruning import prune_to_sparsity, weights_to_keep
+from comparison.data import derive_seed
 from comparison.methods.base import Method, count_zeros, magnitude_keep_mask, replace_module
 
 
@@ -33,8 +34,8 @@ class ActuallySparse(Method):
     layout = "csr"
     holds = ("sparse values", "int32 indices", "transposed-pattern cache while training")
 
-    def __init__(self, scope: str = "classifier") -> None:
-        super().__init__(scope)
+    def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
+        super().__init__(scope, seed)
         self._hooked_optimizers: dict[int, object] = {}
 
     def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
@@ -51,19 +52,26 @@ class ActuallySparse(Method):
         for name in self.targets:
             module = model.get_submodule(name)
             if isinstance(module, SparseLayer):
-                prune_to_sparsity(module, target_sparsity, optimizer=optimizer)
+                self._prune_sparse(name, module, target_sparsity, optimizer)
             else:
-                self._prune_dense_in_place(module, target_sparsity)
+                self._prune_dense_in_place(name, module, target_sparsity)
         if self.dense_stored_layers(model) and id(optimizer) not in self._hooked_optimizers:
             # An update moves zeroed weights (Adam's momentum alone does); re-zero after each step.
             self._hooked_optimizers[id(optimizer)] = optimizer.register_step_post_hook(
                 lambda *_: self._reapply_masks(model)
             )
 
-    @staticmethod
-    def _prune_dense_in_place(module: nn.Module, target_sparsity: float) -> None:
+    def _prune_sparse(self, name: str, layer: SparseLayer, target_sparsity: float, optimizer) -> None:
+        """Remove the smallest-magnitude stored weights of ``layer`` down to ``target_sparsity``."""
+        prune_to_sparsity(layer, target_sparsity, optimizer=optimizer)
+
+    def _scores(self, name: str, weight: torch.Tensor, target_sparsity: float) -> torch.Tensor:
+        """What ranks the weights of a dense-stored layer: the largest scores stay."""
+        return weight.detach().abs()
+
+    def _prune_dense_in_place(self, name: str, module: nn.Module, target_sparsity: float) -> None:
         current = module._buffers.get("weight_mask")
-        keep = magnitude_keep_mask(module.weight, target_sparsity, current)
+        keep = magnitude_keep_mask(self._scores(name, module.weight, target_sparsity), target_sparsity, current)
         if current is None:
             module.register_buffer("weight_mask", keep)
         else:
@@ -93,6 +101,31 @@ class ActuallySparse(Method):
         if self.scope == "all":
             return f"{note}; Conv2d kept dense with zeros and a bool mask: actuallysparse has no sparse Conv2d"
         return note
+
+
+class RandomSparse(ActuallySparse):
+    """Unstructured pruning of weights chosen at random, stored like ``actuallysparse``.
+
+    The baseline that magnitude pruning must beat: the same storage, schedule and targets, but
+    the weights to remove are drawn uniformly (seeded by the cell's seed, the layer and the
+    step) from those still stored, so nothing regrows.
+    """
+
+    name = "random"
+
+    def _generator(self, name: str, target_sparsity: float) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, f"random-prune/{name}", round(target_sparsity * 1e6)))
+
+    def _prune_sparse(self, name: str, layer: SparseLayer, target_sparsity: float, optimizer) -> None:
+        n_keep = weights_to_keep(layer.in_features * layer.out_features, target_sparsity)
+        if n_keep >= layer.nnz:
+            return
+        order = torch.randperm(layer.nnz, generator=self._generator(name, target_sparsity))
+        layer.keep_entries(order[:n_keep].to(layer.values.device), optimizer=optimizer)
+
+    def _scores(self, name: str, weight: torch.Tensor, target_sparsity: float) -> torch.Tensor:
+        generator = self._generator(name, target_sparsity)
+        return torch.rand(weight.shape, generator=generator).to(weight.device)
 
 
 class ActuallySparseCOO(ActuallySparse):

@@ -33,24 +33,26 @@ def count_zeros(weight: torch.Tensor) -> tuple[int, int]:
     return int(weight.numel() - torch.count_nonzero(weight)), int(weight.numel())
 
 
-def magnitude_keep_mask(weight: torch.Tensor, target_sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask keeping the largest-magnitude entries so that ``target_sparsity`` of ``weight`` is zero.
+def magnitude_keep_mask(scores: torch.Tensor, target_sparsity: float, current_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask keeping the largest ``scores`` so that ``target_sparsity`` of the entries are zero.
 
-    Entries already masked out in ``current_mask`` stay out (pruning never regrows), and the
-    number of zeros is ``round(target_sparsity * numel)``, never fewer than already pruned.
+    ``scores`` is the weight's magnitude for magnitude pruning (a weight may be passed as it is:
+    its absolute value is taken) or any other non-negative ranking. Entries already masked out in
+    ``current_mask`` stay out (pruning never regrows), and the number of zeros is
+    ``round(target_sparsity * numel)``, never fewer than already pruned.
     """
-    numel = weight.numel()
-    keep = torch.ones_like(weight, dtype=torch.bool) if current_mask is None else current_mask.bool().clone()
+    numel = scores.numel()
+    keep = torch.ones_like(scores, dtype=torch.bool) if current_mask is None else current_mask.bool().clone()
     n_zero = max(round(target_sparsity * numel), numel - int(keep.sum()))
     n_zero = min(n_zero, numel)
     if n_zero == 0:
         return keep
     # Pruned entries rank below every kept one, so the k smallest always include them.
-    scores = weight.detach().abs().flatten().float().masked_fill(~keep.flatten(), -1.0)
-    drop = torch.topk(scores, n_zero, largest=False).indices
+    ranking = scores.detach().abs().flatten().float().masked_fill(~keep.flatten(), -1.0)
+    drop = torch.topk(ranking, n_zero, largest=False).indices
     keep = keep.flatten()
     keep[drop] = False
-    return keep.view_as(weight)
+    return keep.view_as(scores)
 
 
 class Method(ABC):
@@ -66,7 +68,7 @@ class Method(ABC):
         model = method.prepare(model, targets)       # convert / wrap; no pruning yet
         optimizer = make_optimizer(model.parameters(), config)  # always after prepare
         for target in schedule:
-            method.prune(model, target, optimizer)   # reach `target` zeros in every pruned layer
+            optimizer = method.prune(model, target, optimizer) or optimizer  # reach `target`
             ... fine-tune with optimizer ...
 
     Class attributes:
@@ -83,6 +85,7 @@ class Method(ABC):
 
     Args:
         scope: ``classifier`` or ``all`` (see :func:`target_layer_names`).
+        seed: the cell's seed, for methods that draw random numbers.
     """
 
     name: ClassVar[str]
@@ -91,10 +94,11 @@ class Method(ABC):
     variant_of: ClassVar[str | None] = None
     holds: ClassVar[tuple[str, ...]] = ("dense weight",)
 
-    def __init__(self, scope: str = "classifier") -> None:
+    def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
         if scope not in SCOPE_LAYER_TYPES:
             raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPE_LAYER_TYPES)}")
         self.scope = scope
+        self.seed = seed
         self.targets: list[str] = []
 
     def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
@@ -107,10 +111,13 @@ class Method(ABC):
         return model
 
     @abstractmethod
-    def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
-        """Prune every target layer by magnitude until ``target_sparsity`` of its weights are zero.
+    def prune(self, model: nn.Module, target_sparsity: float,
+              optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        """Prune every target layer until ``target_sparsity`` of its weights are zero (or gone).
 
         Called with non-decreasing targets; the optimizer must go on training the kept weights.
+        A method that replaces the model's parameters returns a new optimizer of the same kind
+        and settings for them; otherwise it returns ``None`` and ``optimizer`` stays in use.
         """
 
     @abstractmethod

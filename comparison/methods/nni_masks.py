@@ -1,8 +1,16 @@
-"""``nni``: NNI 3.0 ``LevelPruner`` masks to the per-step targets (the only module that imports nni)."""
+"""NNI 3.0's methods (the only module that imports nni).
+
+``nni``: ``LevelPruner`` masks to the per-step targets (unstructured, masked).
+``nni-structured``: ``L1NormPruner`` channel pruning followed by ``ModelSpeedup``, so the model
+physically shrinks (structured, dense).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import math
 from typing import Any
 
 import torch
@@ -11,16 +19,26 @@ from torch import nn
 from comparison.methods.base import Method, count_zeros
 
 
-def _level_pruner_class() -> type:
-    # Imported on first use: nni takes about a second to import, its import paths changed between
-    # releases, and nothing else in the harness should depend on it being installed.
+def _nni(name: str) -> Any:
+    """``nni.compression.pruning.<name>`` or ``nni.compression.speedup.<name>``, imported on first use.
+
+    nni takes about a second to import, its import paths changed between releases, and nothing
+    else in the harness should depend on it being installed.
+    """
     try:
-        from nni.compression.pruning import LevelPruner
+        from nni.compression import pruning, speedup
     except ImportError as error:
         raise ImportError(
-            f"the 'nni' method needs NNI 3.0 (`pip install 'nni>=3.0,<3.1'`); importing it failed: {error}"
+            f"the NNI methods need NNI 3.0 (`pip install 'nni>=3.0,<3.1'`); importing it failed: {error}"
         ) from error
-    return LevelPruner
+    logging.getLogger("nni").setLevel(logging.ERROR)  # NNI logs per wrapped module; keep bars readable
+    return getattr(pruning, name, None) or getattr(speedup, name)
+
+
+def _quiet_logger() -> logging.Logger:
+    logger = logging.getLogger("comparison.nni_speedup")
+    logger.setLevel(logging.ERROR)
+    return logger
 
 
 class NNIMasks(Method):
@@ -50,16 +68,14 @@ class NNIMasks(Method):
     runtime_modules = ("nni.compression.pruning",)
     holds = ("dense weight", "float32 mask", "weight buffer copy")
 
-    def __init__(self, scope: str = "classifier") -> None:
-        super().__init__(scope)
+    def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
+        super().__init__(scope, seed)
         self.pruner: Any = None
 
     def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
         super().prepare(model, targets)
-        # NNI logs a warning per wrapped module at INFO/WARNING level; keep progress bars readable.
-        logging.getLogger("nni").setLevel(logging.ERROR)
         config_list = [{"op_names": list(targets), "sparse_ratio": 0.0, "target_names": ["weight"]}]
-        self.pruner = _level_pruner_class()(model, config_list)
+        self.pruner = _nni("LevelPruner")(model, config_list)
         return model
 
     def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer) -> None:
@@ -90,3 +106,97 @@ class NNIMasks(Method):
                 model.get_submodule(name).weight.mul_(mask.to(model.get_submodule(name).weight.dtype))
         self.pruner = None
         return model
+
+
+class NNIStructured(Method):
+    """Channel pruning with NNI's ``L1NormPruner``, then ``ModelSpeedup``: a smaller dense model.
+
+    Each ``prune`` removes whole output channels (convolutions) or neurons (hidden Linear
+    layers) with the smallest L1 norm, the same fraction in every target layer except the last
+    (its outputs are the classes), and ``ModelSpeedup`` rebuilds the model without them, which
+    also shrinks the inputs of the layers that follow. The fraction is chosen so that the
+    removed share of the target layers' original weights reaches the step's target: with a
+    fraction ``r`` of channels gone, a middle layer keeps ``(1 - r)^2`` of its weights.
+
+    The pruned parameters are new objects after a speedup, so ``prune`` returns a new optimizer
+    of the same kind and settings (its state starts afresh). ``ModelSpeedup`` traces the model
+    with ``torch.fx.symbolic_trace``: NNI 3.0's own tracer fails on VGG11_bn with torch 2.x.
+    """
+
+    name = "nni-structured"
+    runtime_modules = ()
+    holds = ("a smaller dense weight (whole channels removed)",)
+
+    def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
+        super().__init__(scope, seed)
+        self.original_sizes: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def prepare(self, model: nn.Module, targets: list[str]) -> nn.Module:
+        super().prepare(model, targets)
+        modules = dict(model.named_modules())
+        self.original_sizes = {name: modules[name].weight.numel() for name in targets}
+        self.shapes = {name: _channels(modules[name]) for name in targets}
+        return model
+
+    def channel_fraction(self, target_sparsity: float) -> float:
+        """The fraction of channels to remove in every prunable layer so that ``target_sparsity``
+        of the target layers' original weights are gone (bisection on the exact shapes)."""
+        names = list(self.original_sizes)
+        total = sum(self.original_sizes.values())
+
+        def removed(fraction: float) -> float:
+            kept = 0
+            for index, name in enumerate(names):
+                outputs, inputs = self.shapes[name]
+                out_kept = outputs if index == len(names) - 1 else _keep(outputs, fraction)
+                in_kept = inputs if index == 0 else _keep(self.shapes[names[index - 1]][0], fraction)
+                kept += self.original_sizes[name] * (out_kept / outputs) * (in_kept / inputs)
+            return 1.0 - kept / total
+
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (middle, high) if removed(middle) < target_sparsity else (low, middle)
+        return high
+
+    def prune(self, model: nn.Module, target_sparsity: float, optimizer: torch.optim.Optimizer):
+        fraction = self.channel_fraction(target_sparsity)
+        modules = dict(model.named_modules())
+        config_list = []
+        for name in self.targets[:-1]:
+            outputs = _channels(modules[name])[0]
+            wanted = _keep(self.shapes[name][0], fraction)
+            if wanted < outputs:
+                config_list.append({"op_names": [name], "sparse_ratio": 1.0 - wanted / outputs,
+                                    "target_names": ["weight", "bias"]})
+        if not config_list:
+            return None
+        was_training = model.training
+        model.eval()
+        pruner = _nni("L1NormPruner")(model, config_list)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        device = next(model.parameters()).device
+        dummy = torch.zeros(2, 3, 32, 32, device=device)
+        with contextlib.redirect_stdout(io.StringIO()):  # ModelSpeedup prints its progress
+            _nni("ModelSpeedup")(model, dummy, masks, graph_module=torch.fx.symbolic_trace(model),
+                                 logger=_quiet_logger()).speedup_model()
+        model.train(was_training)
+        return type(optimizer)(model.parameters(), **optimizer.defaults)
+
+    def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
+        # A removed weight is gone from the model: it counts as a zero of the original layer.
+        return self.original_sizes[name] - model.get_submodule(name).weight.numel(), self.original_sizes[name]
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    """``(outputs, inputs)`` of a Conv2d or Linear layer."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels
+    return module.out_features, module.in_features
+
+
+def _keep(channels: int, fraction: float) -> int:
+    """Channels kept when ``fraction`` of ``channels`` are removed (at least one)."""
+    return max(1, channels - math.floor(fraction * channels + 1e-9))
