@@ -3,14 +3,22 @@
 // This header is torch-free so the per-instruction-set translation units compile fast;
 // bindings.cpp owns threading (at::parallel_for) and calls the entry points below on
 // ranges of work. Each instruction set (avx512, avx2, scalar) provides one KernelTable
-// per dtype, compiled in its own file with its own -m flags.
+// per dtype, compiled in its own file under its own `#pragma GCC target`, so one build holds
+// every path and the CPU's features pick one at run time.
 //
 // Layout. A dense operand (the input x, or the output gradient) is packed batch-tile-major:
 // tile t holds rows k = 0..K-1 of TW = nv * lanes batch columns, contiguous
 // (pack[t][k][j] = x[t*TW + j][k], zero beyond the batch). One non-zero then costs one
 // broadcast of its value and nv fused multiply-adds against one contiguous, aligned row of
-// the tile, and the tile (K * TW elements) is reused by every row of W. nv is at most 4:
-// four accumulators hide the FMA latency and keep a 4096-row tile within L2.
+// the tile, and the tile (K * TW elements) is reused by every row of W. nv is at most 4
+// (a 4096-row tile of 32 floats is 512 KiB, within L2); the forward keeps 8 FMA chains in
+// flight (several accumulator sets when nv < 4) to hide the FMA latency. Packing costs
+// batch * K copies, small beside nnz * batch FMAs. A batch of one row is its own tile
+// (TW = 1) and runs plain or gathering loops over the row.
+//
+// The input gradient is scattered along W's own rows (see backward in kernels_impl.h), so
+// one CSR layout serves all three products and no step reads values through a permutation:
+// reading W^T's values through the transposed pattern's permutation was 1.7-4x slower.
 #pragma once
 #include <cstdint>
 

@@ -24,6 +24,9 @@ struct Avx2F32 {
     return _mm_cvtss_f32(s);
   }
   static reg loadu(const T* p) { return _mm256_loadu_ps(p); }
+  static reg gather(const T* base, const int32_t* idx) {
+    return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+  }
   static void storeu(T* p, reg a) { _mm256_storeu_ps(p, a); }
   // lane i of the result = sum of acc[i]'s lanes
   static reg reduce_lanes(const reg* acc) {
@@ -51,6 +54,9 @@ struct Avx2F64 {
     return _mm_cvtsd_f64(s);
   }
   static reg loadu(const T* p) { return _mm256_loadu_pd(p); }
+  static reg gather(const T* base, const int32_t* idx) {
+    return _mm256_i32gather_pd(base, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), 8);
+  }
   static void storeu(T* p, reg a) { _mm256_storeu_pd(p, a); }
   static reg reduce_lanes(const reg* acc) {
     const __m256d t0 = _mm256_hadd_pd(acc[0], acc[1]), t1 = _mm256_hadd_pd(acc[2], acc[3]);

@@ -19,6 +19,9 @@ struct Avx512F32 {
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static T hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static reg loadu(const T* p) { return _mm512_loadu_ps(p); }
+  static reg gather(const T* base, const int32_t* idx) {
+    return _mm512_i32gather_ps(_mm512_loadu_si512(idx), base, 4);
+  }
   static void storeu(T* p, reg a) { _mm512_storeu_ps(p, a); }
   // lane i of the result = sum of acc[i]'s lanes: fold each to 256 bits, then two 8-way
   // transposing reductions.
@@ -52,6 +55,9 @@ struct Avx512F64 {
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
   static T hsum(reg a) { return _mm512_reduce_add_pd(a); }
   static reg loadu(const T* p) { return _mm512_loadu_pd(p); }
+  static reg gather(const T* base, const int32_t* idx) {
+    return _mm512_i32gather_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), base, 8);
+  }
   static void storeu(T* p, reg a) { _mm512_storeu_pd(p, a); }
   static reg reduce_lanes(const reg* acc) {
     __m256d h[8];

@@ -1,9 +1,15 @@
-// The kernels, written once over a vector type V (see vec_*.h for each instruction set).
+// The kernels, written once over a vector type V (Lanes below; Avx2F32/F64 and Avx512F32/F64
+// in kernels_avx2.cpp / kernels_avx512.cpp), for the packed layout described in kernels.h.
 //
-// spmm: for one batch tile and a range of pattern rows, row r accumulates
+// spmm (forward): for one batch tile and a range of W's rows, row r accumulates
 //   acc[0..nv) += value_k * packed[col_k][0..TW)   for k in row r,
 // then writes acc transposed into out[b][r] through a small block buffer, so stores to the
-// row-major output stay within a few cache lines.
+// row-major output stay within a few cache lines. Measured on a 2-core AMD EPYC (AVX2),
+// 4096x4096 at 0.9, one thread, B=64: ~7 ms against ~33 ms for dense GEMM and ~21 ms for
+// MKL's CSR multiply. It is bound by L2 bandwidth (one 32-byte load per FMA); a variant
+// walking the tile in L1-sized column blocks was 2-3x slower (per-block overhead and
+// mispredicted row ends), and tiles of 2 vectors instead of 4 were 5-15 % slower.
+// A batch of one row takes spmv instead: no padding to a vector of batch columns.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -12,7 +18,7 @@
 namespace actuallysparse {
 namespace impl {
 
-// A "vector" of L elements as a plain array: the portable path.
+// A "vector" of L elements as a plain array: the portable path (compiled for baseline x86-64).
 template <typename TT, int L>
 struct Lanes {
   using T = TT;
@@ -30,28 +36,34 @@ struct Lanes {
   static T hsum(const reg& a) { T s = T(0); for (int i = 0; i < L; ++i) s += a.v[i]; return s; }
   static reg loadu(const T* p) { return load(p); }
   static void storeu(T* p, const reg& a) { store(p, a); }
+  static reg gather(const T* base, const int32_t* idx) { reg r; for (int i = 0; i < L; ++i) r.v[i] = base[idx[i]]; return r; }
   static reg reduce_lanes(const reg* acc) { reg r; for (int i = 0; i < L; ++i) r.v[i] = hsum(acc[i]); return r; }
 };
 
 constexpr int kRowBlock = 16;  // rows per block buffer before the transposed store
 
-// A batch of one row: plain dot products and scatters over the row itself (it stays in L1);
-// four partial sums keep four FMA chains in flight.
-template <typename T>
-void spmv(const SpmmArgs<T>& a, int64_t row_begin, int64_t row_end) {
+// A batch of one row: dot products of each row of W with the input row, L non-zeros at a
+// time through a gather (the row stays in L1), two accumulators in flight.
+template <typename V>
+void spmv(const SpmmArgs<typename V::T>& a, int64_t row_begin, int64_t row_end) {
+  using T = typename V::T;
+  constexpr int L = V::lanes;
   const T* x = a.packed;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+    typename V::reg acc0 = V::zero(), acc1 = V::zero();
     int32_t k = a.crow[r];
     const int32_t end = a.crow[r + 1];
-    for (; k + 4 <= end; k += 4) {
-      s0 += a.values[k] * x[a.col[k]];
-      s1 += a.values[k + 1] * x[a.col[k + 1]];
-      s2 += a.values[k + 2] * x[a.col[k + 2]];
-      s3 += a.values[k + 3] * x[a.col[k + 3]];
+    for (; k + 2 * L <= end; k += 2 * L) {
+      acc0 = V::fmadd(V::loadu(a.values + k), V::gather(x, a.col + k), acc0);
+      acc1 = V::fmadd(V::loadu(a.values + k + L), V::gather(x, a.col + k + L), acc1);
     }
-    for (; k < end; ++k) s0 += a.values[k] * x[a.col[k]];
-    a.out[r] = (s0 + s1) + (s2 + s3) + (a.bias ? a.bias[r] : T(0));
+    if (k + L <= end) {
+      acc0 = V::fmadd(V::loadu(a.values + k), V::gather(x, a.col + k), acc0);
+      k += L;
+    }
+    T sum = V::hsum(V::add(acc0, acc1));
+    for (; k < end; ++k) sum += a.values[k] * x[a.col[k]];
+    a.out[r] = sum + (a.bias ? a.bias[r] : T(0));
   }
 }
 
@@ -119,7 +131,7 @@ void spmm_nv(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, 
 
 template <typename V>
 void spmm(const SpmmArgs<typename V::T>& a, int64_t tile, int64_t row_begin, int64_t row_end) {
-  if (a.tw == 1) return spmv(a, row_begin, row_end);
+  if (a.tw == 1) return spmv<V>(a, row_begin, row_end);
   switch (a.tw / V::lanes) {
     case 1: return spmm_nv<V, 1>(a, tile, row_begin, row_end);
     case 2: return spmm_nv<V, 2>(a, tile, row_begin, row_end);
