@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from comparison.config import (
     DATASETS,
     DEVICES,
+    EXECUTORS,
     OPTIMIZERS,
     SCHEDULES,
     SCOPES,
@@ -59,6 +60,11 @@ CONFIG_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--latency-repeats", "latency_repeats", "timed repetitions per latency measurement"),
     ("--probe-memory", "probe_memory", "true or false: measure a fresh process's peak memory at every step"),
     ("--out", "out", "results directory (default: runs/<dataset>-<run id>)"),
+    ("--executor", "executor", f"{_one_of(EXECUTORS)}: cells in this process, or as tasks of a Ray cluster"),
+    ("--ray-address", "ray_address", "HOST:PORT of the Ray cluster to join (default: start Ray on this machine)"),
+    ("--cpus-per-cell", "cpus_per_cell", "under Ray: threads of each cell and CPUs reserved for it "
+                                         "(0: --threads, or 1)"),
+    ("--gpus-per-cell", "gpus_per_cell", "under Ray: GPUs reserved for each cell"),
 )
 
 

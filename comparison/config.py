@@ -21,10 +21,14 @@ SCHEDULES = ("cubic", "linear", "explicit")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("cpu", "cuda")
 DEFAULT_METHODS = ("dense", "actuallysparse", "nni", "torch-prune")
+# Where the cells run: in this process, or as tasks of a Ray cluster (comparison/ray_executor.py).
+EXECUTORS = ("local", "ray")
 
 # The grid axes are columns of the results table; leaving them (and where things live on disk)
 # out of the run id lets a later run add seeds, sparsities or methods to an existing results dir.
-RUN_ID_EXCLUDES = ("methods", "sparsities", "seeds", "out", "data_dir", "download", "experiment", "baseline_dir")
+RUN_ID_EXCLUDES = ("methods", "sparsities", "seeds", "out", "data_dir", "download", "experiment", "baseline_dir",
+                   # where a grid runs does not change what it computes (each row records its node)
+                   "executor", "ray_address", "cpus_per_cell", "gpus_per_cell")
 # What decides the baseline weights; anything else may change without retraining the baseline.
 _BASELINE_KEYS = (
     "dataset", "width", "init", "pretrain_epochs", "batch_size", "optimizer", "lr", "momentum",
@@ -84,6 +88,13 @@ class RunConfig:
         experiment: the ``experiment`` column of every row (``run`` for a plain run).
         baseline_dir: where cached baselines live; ``None`` means ``<out>/baselines``. Runs
             that share it (the thesis reproduction's experiments) train each baseline once.
+        executor: ``local`` runs the cells one after another in this process; ``ray`` runs
+            them as tasks of a Ray cluster (only this process writes the results directory).
+        ray_address: the cluster to join (``HOST:PORT`` of ``ray start --head``, or ``auto``);
+            ``None`` starts a Ray instance on this machine.
+        cpus_per_cell: under Ray, the threads each cell uses and the CPUs Ray reserves for it;
+            0 means ``threads`` (1 when ``threads`` is 0).
+        gpus_per_cell: under Ray, the GPUs reserved per cell (``device`` ``cuda`` needs > 0).
 
     Example::
 
@@ -120,6 +131,10 @@ class RunConfig:
     out: str | None = field(default=None, compare=False)
     experiment: str = "run"
     baseline_dir: str | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    cpus_per_cell: int = 0
+    gpus_per_cell: float = 0.0
 
     def __post_init__(self) -> None:
         # Normalise sequences so that a config built from a list hashes like one built from a tuple.
@@ -136,6 +151,7 @@ class RunConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
+        _choice("executor", self.executor, EXECUTORS)
         valid_methods = tuple(sorted(available_methods()))
         if not self.methods:
             raise ConfigError(f"methods is empty; choose from {', '.join(valid_methods)}")
@@ -163,6 +179,11 @@ class RunConfig:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("threads", self.threads, 0)
         _at_least("latency_repeats", self.latency_repeats, 1)
+        _at_least("cpus_per_cell", self.cpus_per_cell, 0)
+        if not (math.isfinite(self.gpus_per_cell) and self.gpus_per_cell >= 0):
+            raise ConfigError(f"gpus_per_cell {self.gpus_per_cell} must be a number >= 0")
+        if self.executor == "ray" and self.device == "cuda" and not self.gpus_per_cell:
+            raise ConfigError("device 'cuda' under executor 'ray' needs gpus_per_cell > 0 (e.g. --gpus-per-cell 1)")
         for name in ("limit_train", "limit_test"):
             value = getattr(self, name)
             if value is not None:
@@ -304,6 +325,7 @@ _SCALAR_TYPES = {
     "width": float, "lr": float, "momentum": float, "weight_decay": float,
     "pretrain_epochs": int, "steps": int, "epochs_per_step": int, "batch_size": int,
     "threads": int, "latency_repeats": int, "limit_train": int, "limit_test": int,
+    "cpus_per_cell": int, "gpus_per_cell": float,
 }
 
 
@@ -335,7 +357,7 @@ def _coerce(key: str, value: Any) -> Any:
                     raise ValueError("expected true or false")
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if key in ("init", "out", "baseline_dir") and value in (None, ""):
+        if key in ("init", "out", "baseline_dir", "ray_address") and value in (None, ""):
             return None
         return str(value) if value is not None else None
     except (TypeError, ValueError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -59,14 +60,23 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def node_columns(device: torch.device, threads: int) -> dict[str, object]:
+    """The environment columns that say where a cell computed: ``host``, ``device``, ``device_name``
+    (the CPU or GPU model) and ``threads``.
+
+    A cell run on another machine (``--executor ray``) overrides the driver's values with these,
+    since latency is comparable only between rows of one kind of node.
+    """
+    return {"host": socket.gethostname(), "device": device.type, "device_name": device_name(device),
+            "threads": threads}
+
+
 def environment_columns(run_id: str, dataset: str, device: torch.device, threads: int) -> dict[str, object]:
     """The values of :data:`comparison.records.ENVIRONMENT_COLUMNS` for this process."""
     return {
         "run_id": run_id,
         "dataset": dataset,
-        "device": device.type,
-        "device_name": device_name(device),
-        "threads": threads,
+        **node_columns(device, threads),
         "torch_version": torch.__version__,
         "nni_version": package_version("nni"),
         "git_commit": git_commit(),

@@ -11,7 +11,8 @@ Columns (in this order), the same for every table the project writes (``run``, `
 - ``run_id``: digest of the settings (see :attr:`RunConfig.run_id`); rows with the same id are
   comparable.
 - environment: ``dataset``, ``device``, ``device_name``, ``threads``, ``torch_version``,
-  ``nni_version``, ``git_commit``.
+  ``nni_version``, ``git_commit``, ``host`` (the machine the cell computed on; with
+  ``device_name`` and ``threads`` it says which kind of node measured the row).
 
 A cell's rows are written to ``cells/<cell>.csv`` in one atomic step when the cell ends, and a
 manifest ``cells/<cell>.manifest.json`` (row count and SHA-256 of the file) proves it whole.
@@ -34,12 +35,14 @@ from comparison.files import DirectoryLock, atomic_path, move_aside, sha256_of, 
 
 CELL_COLUMNS = ("method", "seed", "target_sparsity", "step", "metric", "value", "unit", "note")
 ENVIRONMENT_COLUMNS = (
-    "run_id", "dataset", "device", "device_name", "threads", "torch_version", "nni_version", "git_commit",
+    "run_id", "dataset", "device", "device_name", "threads", "torch_version", "nni_version", "git_commit", "host",
 )
 COLUMNS = ("experiment",) + CELL_COLUMNS + ENVIRONMENT_COLUMNS
-# Tables written before the experiment column existed; read as experiment "run".
-LEGACY_COLUMNS = CELL_COLUMNS + ENVIRONMENT_COLUMNS
 DEFAULT_EXPERIMENT = "run"
+# Columns added after tables had been written, with the value a table without them is read with.
+ADDED_COLUMNS = {"experiment": DEFAULT_EXPERIMENT, "host": "unknown"}
+# The first schema (none of the added columns); any table of COLUMNS minus some added ones reads too.
+LEGACY_COLUMNS = tuple(column for column in COLUMNS if column not in ADDED_COLUMNS)
 FAILED_METRIC = "failed"
 RESULTS_FILE = "results.csv"
 CELLS_DIR = "cells"
@@ -69,6 +72,12 @@ UNITS = {
     "cuda_max_allocated_bytes": "bytes",
     "layers_stored_dense": "count",
     "elapsed_s": "s",
+    "flops": "flop",
+    "theoretical_speedup": "ratio",
+    "measured_speedup": "ratio",
+    "measured_speedup_batch1": "ratio",
+    "measured_speedup_train_step": "ratio",
+    "compression_ratio": "ratio",
     FAILED_METRIC: "flag",
 }
 
@@ -174,18 +183,12 @@ def cell_problem(path: str | Path) -> str | None:
     return None
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` all or nothing (see :func:`comparison.files.write_text_atomic`)."""
-    from comparison.files import write_text_atomic as write
-
-    write(path, text)
-
-
 def read_rows(path: str | Path, columns: tuple[str, ...] = COLUMNS) -> list[dict[str, str]]:
     """The rows of one CSV written by :func:`write_rows`, as strings.
 
-    A table of :data:`LEGACY_COLUMNS` (written before the ``experiment`` column) is read with
-    ``experiment`` = ``run``.
+    A table written before some of :data:`ADDED_COLUMNS` existed (the same columns in the same
+    order, less those) is read with their default values (``experiment`` = ``run``, ``host`` =
+    ``unknown``).
 
     Raises:
         CorruptResultsError: the file is not UTF-8 CSV with ``columns``, or a row is cut short;
@@ -195,22 +198,30 @@ def read_rows(path: str | Path, columns: tuple[str, ...] = COLUMNS) -> list[dict
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             found = tuple(reader.fieldnames or ())
-            legacy = columns == COLUMNS and found == LEGACY_COLUMNS
-            if found != columns and not legacy:
+            absent = _absent_added_columns(found) if columns == COLUMNS and found != columns else None
+            if found != columns and absent is None:
                 raise CorruptResultsError(f"{path} has columns {list(found)}, expected {list(columns)}")
             rows = []
             for line, row in enumerate(reader, start=2):
                 if None in row or any(value is None for value in row.values()):
                     raise CorruptResultsError(f"{path}: line {line} has {len(row) - (None in row)} fields "
                                               f"where {len(columns)} were expected (the file is damaged)")
-                if legacy:
-                    row = {"experiment": DEFAULT_EXPERIMENT, **row}
+                if absent:
+                    row = {column: row[column] if column in row else absent[column] for column in COLUMNS}
                 rows.append(row)
             return rows
     except UnicodeDecodeError as error:
         raise CorruptResultsError(f"{path} is not a UTF-8 CSV results file ({error.reason} at byte {error.start})") from error
     except csv.Error as error:
         raise CorruptResultsError(f"{path} is not a readable CSV results file: {error}") from error
+
+
+def _absent_added_columns(found: tuple[str, ...]) -> dict[str, str] | None:
+    """The added columns (with their defaults) a table of columns ``found`` lacks, or ``None`` when
+    ``found`` is not :data:`COLUMNS` less some added columns."""
+    absent = {column: default for column, default in ADDED_COLUMNS.items() if column not in found}
+    expected = tuple(column for column in COLUMNS if column not in absent)
+    return absent if found == expected else None
 
 
 def cell_run_ids(path: str | Path) -> set[str]:

@@ -8,6 +8,7 @@ seed's baseline and the data), so cells can run in any order, resume, or be farm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -153,6 +154,21 @@ def load_or_train_baseline(
     cached = _cached_baseline(path, echo)
     if cached is not None:
         return cached
+    payload = train_baseline(config, seed, data, device=device, progress=progress)
+    save_baseline(path, payload)
+    return payload["state_dict"]
+
+
+def train_baseline(config: RunConfig, seed: int, data: Dataset, *, device: torch.device,
+                   progress: bool = True) -> dict[str, object]:
+    """Make the baseline of ``seed`` (from ``config.init`` or by pretraining) and return what the
+    cache holds: ``state_dict`` (on the CPU), ``test_accuracy``, ``test_loss``, ``train_loss``.
+
+    Writes nothing, so that it can run on another machine (:func:`save_baseline` caches it).
+
+    Raises:
+        NonFiniteLossError: pretraining diverged.
+    """
     model = build_model(config, data.num_classes, seed).to(device)
     history: list[EpochResult] = []
     if config.init:
@@ -163,15 +179,24 @@ def load_or_train_baseline(
         history = pretrain(model, data.train, config, seed, device=device, epochs=epochs)
     result = evaluate(model, data.test, batch_size=config.batch_size, device=device)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    payload = {
+    return {
         "state_dict": state,
         "test_accuracy": result.accuracy,
         "test_loss": result.loss,
         "train_loss": [epoch.mean_loss for epoch in history],
     }
+
+
+def save_baseline(path: Path, payload: dict[str, object]) -> None:
+    """Cache a baseline made by :func:`train_baseline` at ``path``, atomically, with its checksum beside it."""
     save_torch_atomic(payload, path)
     write_text_atomic(path.with_name(path.name + ".sha256"), sha256_of(path) + "\n")
-    return state
+
+
+def failed_baseline_rows(cell: Cell, error: Exception, environment: dict[str, object]) -> list[dict[str, object]]:
+    """The rows of a cell whose seed's baseline could not be made: one ``failed`` row saying why."""
+    reason = f"baseline training failed: {type(error).__name__}: {error} (try a smaller --lr)"
+    return [records.make_row(cell, 0, records.FAILED_METRIC, 1.0, "flag", reason, environment)]
 
 
 def run_cell(
@@ -322,7 +347,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         ValueError: a bad device, an ``--init`` file that does not load into the model, a
             results directory (or file) of other settings, an unreadable ``config.json``.
     """
-    device = resolve_device(config.device)
+    # Under Ray the cells compute on the workers' devices; the driver may have no GPU.
+    device = torch.device(config.device) if config.executor == "ray" else resolve_device(config.device)
     if config.init:
         load_init(build_model(config, _num_classes(config), seed=0), config.init)
     check_out_dir(config)
@@ -398,7 +424,19 @@ def run(
     plan = plan_run(config)
     data = load_dataset(config.dataset, config.data_dir, download=config.download,
                         limit_train=config.limit_train, limit_test=config.limit_test)
-    echo(config.describe())
+    cluster = connect_executor(config, echo=echo)  # refuses a bad address or resources before any write
+    try:
+        echo(config.describe())
+        return _run_locked(plan, data, cluster, retry_failed=retry_failed, progress=progress,
+                           make_plots=make_plots, echo=echo, wait_s=wait_s)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_locked(plan: RunPlan, data: Dataset, cluster, *, retry_failed: bool, progress: bool, make_plots: bool,
+                echo: Callable[[str], None], wait_s: float) -> RunResult:
+    config = plan.config
     with DirectoryLock(plan.out_dir, wait_s=wait_s) as lock:
         if lock.took_over:
             echo(f"note: took over the lock of {plan.out_dir} left by process {lock.took_over.get('pid')}, "
@@ -409,9 +447,41 @@ def run(
         plan = plan_run(config)  # again under the lock: another run may have finished cells meanwhile
         claim_out_dir(plan)
         environment = write_environment(plan, data)
-        result = execute_cells(plan, data, environment, retry_failed=retry_failed, progress=progress, echo=echo)
+        result = execute_cells(plan, data, environment, retry_failed=retry_failed, progress=progress, echo=echo,
+                               cluster=cluster)
         write_outputs(result, plan, make_plots=make_plots, echo=echo)
     return result
+
+
+def connect_executor(config: RunConfig, echo: Callable[[str], None] = print):
+    """``None`` for the local executor; for ``ray``, a connected
+    :class:`comparison.ray_executor.RayCluster` (Ray is imported only then).
+
+    Raises:
+        ValueError: Ray is not installed, ``--ray-address`` cannot be reached, or no node can
+            hold one cell's ``--cpus-per-cell`` / ``--gpus-per-cell``.
+    """
+    if config.executor != "ray":
+        return None
+    from comparison.ray_executor import RayCluster
+
+    return RayCluster.connect(config, echo=echo)
+
+
+@dataclass(frozen=True)
+class CellWork:
+    """The functions an executor calls to compute a seed's baseline and a cell elsewhere, so that
+    it needs no import of this module. Each is a module-level function, shipped by reference.
+
+    Attributes:
+        train_baseline: :func:`train_baseline` (writes nothing).
+        run_cell: :func:`run_cell` (returns rows, writes only under its ``scratch_dir``).
+        failed_baseline_rows: :func:`failed_baseline_rows`.
+    """
+
+    train_baseline: Callable
+    run_cell: Callable
+    failed_baseline_rows: Callable
 
 
 def claim_out_dir(plan: RunPlan) -> None:
@@ -438,8 +508,16 @@ def execute_cells(
     retry_failed: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    cluster=None,
 ) -> RunResult:
-    """Run the cells of ``plan`` still to compute, writing each cell's file as soon as it ends."""
+    """Run the cells of ``plan`` still to compute, writing each cell's file as soon as it ends.
+
+    ``plan.config.executor`` decides where cells compute: ``local`` runs them here one after
+    another; ``ray`` hands them to ``cluster`` (:mod:`comparison.ray_executor`; connected here
+    when not given). Either way a cell comes back as its rows, and only this process writes the
+    results directory: each cell's file with its manifest as the cell ends, ``results.csv`` at
+    the end, even after an interruption.
+    """
     config, out_dir = plan.config, plan.out_dir
     result = RunResult(out_dir, out_dir / records.RESULTS_FILE)
     to_run = plan.to_run(retry_failed)
@@ -449,12 +527,44 @@ def execute_cells(
     if len(to_run) < len(plan.cells):
         echo(f"{len(plan.cells) - len(to_run)} of {len(plan.cells)} cells already done in {out_dir}; "
              f"running {len(to_run)}")
+    own_cluster = cluster is None and config.executor == "ray"
+    if own_cluster:
+        cluster = connect_executor(config, echo=echo)
+    try:
+        if config.executor == "ray":
+            # Looked up now, not at import, so that what runs on the workers is what this module holds.
+            work = CellWork(train_baseline, run_cell, failed_baseline_rows)
+            finished = cluster.cells(plan, data, environment, to_run, work,
+                                     cached_baseline=lambda seed: _cached_baseline(
+                                         baseline_path(out_dir, config, seed), echo),
+                                     save_baseline=lambda seed, payload: save_baseline(
+                                         baseline_path(out_dir, config, seed), payload),
+                                     echo=echo)
+        else:
+            finished = _local_cells(plan, data, environment, to_run, progress=progress, echo=echo)
+        with contextlib.closing(finished):
+            for cell, rows in tqdm(finished, total=len(to_run), desc="cells", disable=not progress, unit="cell"):
+                records.write_cell(records.cell_path(out_dir, cell), rows)
+                failed = any(row["metric"] == records.FAILED_METRIC for row in rows)
+                result.statuses[cell] = "failed" if failed else "finished"
+    finally:
+        # Whatever happened, the table holds every cell finished so far.
+        records.write_rows(result.table_path, records.collect_cells(out_dir, plan.cells, config.run_id))
+        if own_cluster:
+            cluster.close()
+    return result
+
+
+def _local_cells(plan: RunPlan, data: Dataset, environment: dict[str, object], to_run: list[Cell], *,
+                 progress: bool, echo: Callable[[str], None]) -> Iterator[tuple[Cell, list[dict[str, object]]]]:
+    """Compute ``to_run`` in this process, one after another, yielding each cell with its rows."""
+    config, out_dir = plan.config, plan.out_dir
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
     baselines: dict[int, dict[str, torch.Tensor] | NonFiniteLossError] = {}
     try:
         with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
-            for cell in tqdm(to_run, desc="cells", disable=not progress, unit="cell"):
+            for cell in to_run:
                 if cell.seed not in baselines:
                     try:
                         baselines[cell.seed] = load_or_train_baseline(config, cell.seed, data, device=plan.device,
@@ -463,19 +573,13 @@ def execute_cells(
                         baselines[cell.seed] = error
                 baseline = baselines[cell.seed]
                 if isinstance(baseline, NonFiniteLossError):
-                    reason = f"baseline training failed: {type(baseline).__name__}: {baseline} (try a smaller --lr)"
-                    rows = [records.make_row(cell, 0, records.FAILED_METRIC, 1.0, "flag", reason, environment)]
+                    rows = failed_baseline_rows(cell, baseline, environment)
                 else:
                     rows = run_cell(config, cell, baseline, data, environment, device=plan.device,
                                     threads=plan.threads, scratch_dir=Path(scratch), progress=progress)
-                records.write_cell(records.cell_path(out_dir, cell), rows)
-                failed = any(row["metric"] == records.FAILED_METRIC for row in rows)
-                result.statuses[cell] = "failed" if failed else "finished"
+                yield cell, rows
     finally:
         torch.set_num_threads(previous_threads)
-        # Whatever happened, the table holds every cell finished so far.
-        records.write_rows(result.table_path, records.collect_cells(out_dir, plan.cells, config.run_id))
-    return result
 
 
 def write_outputs(result: RunResult, plan: RunPlan, *, make_plots: bool = True,

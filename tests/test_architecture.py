@@ -82,6 +82,12 @@ def test_nni_is_imported_by_one_module_only():
     assert [path.relative_to(ROOT).as_posix() for path in importers] == ["comparison/methods/nni_masks.py"]
 
 
+def test_ray_is_imported_by_one_module_only():
+    importers = [path for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+                 if re.search(r"^\s*(from|import) ray\b", path.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert [path.relative_to(ROOT).as_posix() for path in importers] == ["comparison/ray_executor.py"]
+
+
 def _readme_choices(flag: str) -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     match = re.search(rf"\[{flag} ([^\]\s]+)\]", text)
@@ -90,13 +96,14 @@ def _readme_choices(flag: str) -> list[str]:
 
 
 def test_readme_quotes_the_choice_lists():
-    from comparison.config import DATASETS, DEFAULT_METHODS, DEVICES, SCHEDULES, SCOPES
+    from comparison.config import DATASETS, DEFAULT_METHODS, DEVICES, EXECUTORS, SCHEDULES, SCOPES
 
     assert _readme_choices("--dataset") == list(DATASETS)
     assert _readme_choices("--methods") == list(DEFAULT_METHODS)
     assert _readme_choices("--scope") == list(SCOPES)
     assert _readme_choices("--schedule") == list(SCHEDULES)
     assert _readme_choices("--device") == list(DEVICES)
+    assert _readme_choices("--executor") == list(EXECUTORS)
 
 
 def test_architecture_lists_every_method_with_its_file():

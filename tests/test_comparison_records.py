@@ -18,7 +18,7 @@ from comparison.records import (
 )
 
 ENV = {"run_id": "abc", "dataset": "digits", "device": "cpu", "device_name": "test cpu", "threads": 2,
-       "torch_version": "2.x", "nni_version": "3.0", "git_commit": "unknown"}
+       "torch_version": "2.x", "nni_version": "3.0", "git_commit": "unknown", "host": "node-1"}
 
 
 def _rows(cell, n=3, run_id="abc"):
@@ -28,7 +28,8 @@ def _rows(cell, n=3, run_id="abc"):
 
 def test_schema_is_the_tidy_long_table():
     assert COLUMNS[:8] == ("experiment", "method", "seed", "target_sparsity", "step", "metric", "value", "unit")
-    for column in ("note", "run_id", "dataset", "device", "threads", "torch_version", "nni_version", "git_commit"):
+    for column in ("note", "run_id", "dataset", "device", "threads", "torch_version", "nni_version", "git_commit",
+                   "host"):
         assert column in COLUMNS
     row = make_row(Cell("nni", 0.9, 1), 2, "latency_batch1_ms", 3.5, "ms", "", ENV)
     assert list(row) == list(COLUMNS)
@@ -77,7 +78,27 @@ def test_a_table_without_the_experiment_column_reads_as_run(tmp_path):
            if key in legacy}
     write_rows(tmp_path / "old.csv", [row], columns=legacy)
     assert read_rows(tmp_path / "old.csv")[0]["experiment"] == "run"
+    assert read_rows(tmp_path / "old.csv")[0]["host"] == "unknown"
     assert list(load_table(tmp_path / "old.csv").columns) == list(COLUMNS)
+
+
+def test_a_table_without_the_host_column_reads_with_host_unknown(tmp_path):
+    without_host = tuple(column for column in COLUMNS if column != "host")
+    write_rows(tmp_path / "old.csv", [make_row(Cell("nni", 0.9, 0), 1, "a", 1.0, "x", "", ENV)], columns=without_host)
+    row = read_rows(tmp_path / "old.csv")[0]
+    assert list(row) == list(COLUMNS) and row["host"] == "unknown" and row["experiment"] == "run"
+    # an old cell with its manifest still verifies, so resuming an old directory recomputes nothing
+    cell = Cell("nni", 0.9, 0)
+    write_cell(cell_path(tmp_path, cell), _rows(cell))
+    path = cell_path(tmp_path, cell)
+    write_rows(path, [{k: v for k, v in r.items() if k != "host"} for r in _rows(cell)], columns=without_host)
+    records.write_json_atomic(records.manifest_path(path), {"file": path.name, "rows": 3,
+                                                            "sha256": records.sha256_of(path)})
+    assert cell_status(tmp_path, cell, "abc") == "finished"
+    # columns in another order, or an unknown column, are not an older schema
+    write_rows(tmp_path / "odd.csv", [], columns=tuple(reversed(COLUMNS)))
+    with pytest.raises(records.CorruptResultsError, match="expected"):
+        read_rows(tmp_path / "odd.csv")
 
 
 def test_cell_status(tmp_path):
@@ -132,7 +153,9 @@ def test_written_files_are_readable_by_others(tmp_path):
 
     path = cell_path(tmp_path, Cell("nni", 0.9, 0))
     write_rows(path, _rows(Cell("nni", 0.9, 0)))
-    records.write_text_atomic(tmp_path / "summary.md", "x\n")
+    from comparison.files import write_text_atomic
+
+    write_text_atomic(tmp_path / "summary.md", "x\n")
     umask = os.umask(0)
     os.umask(umask)
     for written in (path, tmp_path / "summary.md"):
