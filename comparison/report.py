@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from actuallysparse.memory import MIB, stored_bytes  # noqa: E402
-from comparison import records  # noqa: E402
+from comparison.files import write_text_atomic  # noqa: E402
 from comparison.models import vgg11_bn  # noqa: E402
 
 # What the thesis reported (CIFAR-10, VGG11_bn with the CIFAR head, classifier 512-4096-4096-10,
@@ -70,12 +70,16 @@ def storage_view(table: pd.DataFrame) -> pd.DataFrame:
 
     Sparsity 0 is each method's step 0 (prepared, nothing pruned yet); a target is the step at
     which its cell reached it (step 1: pruned once, not fine-tuned). A method that never prunes
-    appears at sparsity 0 only.
+    appears at sparsity 0 only, from its last step (the one the memory probe measures).
     """
     t = table[table.experiment == "storage"]
-    unpruned = t[t.step == 0].drop_duplicates(["method", "metric"]).assign(sparsity=0.0)
-    pruned = t[(t.step == t.step.max()) & (t.target_sparsity > 0)].assign(sparsity=lambda f: f.target_sparsity)
-    return pd.concat([unpruned, pruned], ignore_index=True)[["method", "sparsity", "metric", "value"]]
+    last = t.step == t.step.max()
+    # a reference cell is unpruned at every step: its last step carries every metric (the probe's too)
+    reference = t[(t.target_sparsity == 0) & last]
+    unpruned = t[(t.target_sparsity > 0) & (t.step == 0)].drop_duplicates(["method", "metric"])
+    pruned = t[(t.target_sparsity > 0) & last].assign(sparsity=lambda f: f.target_sparsity)
+    return pd.concat([reference.assign(sparsity=0.0), unpruned.assign(sparsity=0.0), pruned],
+                     ignore_index=True)[["method", "sparsity", "metric", "value"]]
 
 
 def _bars(axis, view: pd.DataFrame, metric: str, sparsities, methods, scale: float = 1.0) -> None:
@@ -307,5 +311,5 @@ def write_report(out: str | Path, table: pd.DataFrame, configs: dict, *, command
                 latency_section(table, figures, configs["storage"].batch_size),
                 loops_section(table, figures, configs["loops"].epochs_per_step)]
     path = out / "REPORT.md"
-    records.write_text_atomic(path, "\n".join(header) + "\n" + "\n".join(sections))
+    write_text_atomic(path, "\n".join(header) + "\n" + "\n".join(sections))
     return path

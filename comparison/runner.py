@@ -9,6 +9,7 @@ seed's baseline and the data), so cells can run in any order, resume, or be farm
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -40,10 +41,11 @@ from comparison.files import (
 )
 from comparison.methods import Method, available_methods, make_method, target_layer_names
 from comparison.metrics import (
+    DenseReference,
     Measurement,
     checkpoint_bytes,
-    latency_metric,
-    latency_ms,
+    comparison_measurements,
+    dense_reference,
     memory_measurements,
     probe_process_memory,
 )
@@ -228,26 +230,32 @@ def run_cell(
 
     bar = tqdm(total=config.steps + 1, desc=str(cell), leave=False, disable=not progress, unit="step")
     try:
-        method = make_method(cell.method, config.scope)
+        method = make_method(cell.method, config.scope, cell.seed)
         model = build_model(config, data.num_classes, cell.seed)
         model.load_state_dict(baseline)
         model.to(device)
+        reference_model = build_model(config, data.num_classes, cell.seed)
+        reference_model.load_state_dict(baseline)
+        reference = dense_reference(reference_model, lambda params: make_optimizer(params, config),
+                                    batch_size=config.batch_size, device=device, num_classes=data.num_classes)
         model = method.prepare(model, target_layer_names(model, config.scope))
         # After prepare, always: NNI's wrapping replaces the Parameters an earlier optimizer held.
         optimizer = make_optimizer(model.parameters(), config)
         schedule = step_targets(config, cell.target_sparsity)
-        add(_measure_step(config, method, model, optimizer, data, None, 0.0, device, threads, scratch_dir))
+        measure = functools.partial(_measure_step, config, method, reference=reference, data=data, device=device,
+                                    threads=threads, scratch_dir=scratch_dir)
+        add(measure(model, optimizer, None, 0.0, probe=False))
         add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
         bar.update()
         for step, target in enumerate(schedule, start=1):
-            method.prune(model, target, optimizer)
+            optimizer = method.prune(model, target, optimizer) or optimizer
             epochs = [
                 train_epoch(model, optimizer, data.train, batch_size=config.batch_size, seed=cell.seed,
                             stream="finetune", epoch=(step - 1) * config.epochs_per_step + index,
                             device=device, on_batch=on_batch)
                 for index in range(config.epochs_per_step)
             ]
-            add(_measure_step(config, method, model, optimizer, data, epochs, target, device, threads, scratch_dir))
+            add(measure(model, optimizer, epochs, target, probe=step == len(schedule)))
             add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
             bar.update()
     except Exception as error:  # one cell's failure must not stop the run; its reason is recorded
@@ -266,9 +274,12 @@ def _measure_step(
     method: Method,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: Dataset,
     epochs: list[EpochResult] | None,
     step_target: float,
+    *,
+    probe: bool,
+    reference: DenseReference,
+    data: Dataset,
     device: torch.device,
     threads: int,
     scratch_dir: Path,
@@ -282,12 +293,14 @@ def _measure_step(
         Measurement("layers_stored_dense", len(dense_layers), "count",
                     f"{method.storage_note()}; stored dense: {', '.join(dense_layers) or 'none'}"),
     ]
+    train_step_ms = None
     if epochs:
         step_times = [t for epoch in epochs for t in epoch.step_times_ms[1:]] or \
                      [t for epoch in epochs for t in epoch.step_times_ms]
+        train_step_ms = statistics.median(step_times) if step_times else None
         rows += [
             Measurement("train_loss", epochs[-1].mean_loss, "nats"),
-            Measurement("train_step_ms", statistics.median(step_times) if step_times else math.nan, "ms"),
+            Measurement("train_step_ms", train_step_ms if train_step_ms else math.nan, "ms"),
             Measurement("finetune_s", sum(epoch.seconds for epoch in epochs), "s"),
         ]
     # Bytes first, while the model is as training left it: evaluation switches to eval mode,
@@ -299,11 +312,10 @@ def _measure_step(
         Measurement("test_loss", result.loss, "nats"),
         Measurement("test_eval_s", result.seconds, "s"),
     ]
-    for batch_size in sorted({1, config.batch_size}):
-        rows.append(Measurement(latency_metric(batch_size),
-                                latency_ms(model, batch_size, repeats=config.latency_repeats, device=device), "ms"))
+    rows += comparison_measurements(model, reference, batch_sizes=sorted({1, config.batch_size}),
+                                    repeats=config.latency_repeats, train_step_ms=train_step_ms, device=device)
     rows.append(Measurement("checkpoint_bytes", checkpoint_bytes(model, scratch_dir), "bytes"))
-    if not config.probe_memory:
+    if not (probe and config.probe_memory):
         return rows
     try:
         rows += probe_process_memory(model, batch_size=config.batch_size, threads=threads, device=config.device,

@@ -13,10 +13,11 @@ STEPS = 2
 EXPECTED_METRICS = {
     "step_target_sparsity", "achieved_sparsity", "nonzero_weights", "layers_stored_dense", "test_accuracy",
     "test_loss", "test_eval_s", "stored_bytes", "stored_bytes_masks", "stored_bytes_values", "pruned_layers_bytes",
-    "optimizer_state_bytes", "latency_batch1_ms", "latency_batch16_ms", "checkpoint_bytes", "peak_rss_bytes",
-    "model_rss_bytes", "elapsed_s",
+    "optimizer_state_bytes", "latency_batch1_ms", "latency_batch16_ms", "checkpoint_bytes",
+    "elapsed_s", "flops", "theoretical_speedup", "compression_ratio", "measured_speedup",
+    "measured_speedup_batch1",
 }
-TRAINING_METRICS = {"train_loss", "train_step_ms", "finetune_s"}
+TRAINING_METRICS = {"train_loss", "train_step_ms", "finetune_s", "measured_speedup_train_step"}
 
 
 def tiny_config(out, **changes):
@@ -88,7 +89,7 @@ def test_every_method_sees_identical_batches_and_starts_from_the_same_baseline(t
 
 def test_run_writes_the_table_with_every_metric_per_step(finished_run):
     config, result = finished_run
-    assert set(result.statuses.values()) == {"finished"} and len(result.statuses) == 4
+    assert set(result.statuses.values()) == {"finished"} and len(result.statuses) == 6
     table = records.load_table(result.table_path)
     assert list(table.columns) == list(COLUMNS)
     assert (table["run_id"] == config.run_id).all() and (table["dataset"] == "digits").all()
@@ -98,13 +99,16 @@ def test_run_writes_the_table_with_every_metric_per_step(finished_run):
         for step, rows in cell.groupby("step"):
             metrics = set(rows["metric"])
             assert EXPECTED_METRICS <= metrics, (method, step, EXPECTED_METRICS - metrics)
+            # the fresh-process probe runs at the last step only
+            assert ("peak_rss_bytes" in metrics) == (step == STEPS)
             assert (TRAINING_METRICS <= metrics) == (step > 0)
         final = cell[(cell["step"] == STEPS) & (cell["metric"] == "achieved_sparsity")]["value"].iloc[0]
-        assert final == pytest.approx(target, abs=1e-3)
+        # channel pruning removes whole channels: it reaches the target within 0.05
+        assert final == pytest.approx(target, abs=0.05 if method == "nni-structured" else 1e-3)
     out = config.out_dir
     for name in ("config.json", "environment.json", "summary.md", "results.csv"):
         assert (out / name).is_file(), name
-    assert len(list((out / "plots").glob("*.png"))) == 5
+    assert len(list((out / "plots").glob("*.png"))) == 6
     assert len(list((out / "baselines").glob("*.pt"))) == 1
 
 
