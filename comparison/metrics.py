@@ -19,6 +19,7 @@ from torch import nn
 from actuallysparse.memory import stored_bytes
 from comparison.data import IMAGE_SHAPE
 from comparison.device import synchronize
+from comparison.training import timed_step
 
 PROBE_TIMEOUT_S = 600
 
@@ -227,25 +228,13 @@ def dense_reference(model: nn.Module, optimizer_factory, *, batch_size: int, ste
     training steps (after one untimed) of a copy, so ``model`` itself is left as it was."""
     import copy
 
-    import torch.nn.functional as F
-
     device = torch.device(device)
     trained = copy.deepcopy(model).to(device).train()
     optimizer = optimizer_factory(trained.parameters())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_shape, generator=generator).to(device)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    times = []
-    for index in range(steps + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = F.cross_entropy(trained(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        if index:
-            times.append((time.perf_counter() - start) * 1e3)
+    times = [timed_step(trained, optimizer, x, y, device)[1] for _ in range(steps + 1)][1:]
     del trained, optimizer
     model = model.to(device).eval()
     return DenseReference(model, forward_flops(model, input_shape), held_bytes(model), statistics.median(times))

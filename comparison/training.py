@@ -94,19 +94,27 @@ def train_epoch(
         if on_batch is not None:
             on_batch(images, labels)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        synchronize(device)
-        step_start = time.perf_counter()
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        step_times_ms.append((time.perf_counter() - step_start) * 1e3)
+        loss, milliseconds = timed_step(model, optimizer, images, labels, device)
+        step_times_ms.append(milliseconds)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"training loss became {value} at epoch {epoch}, batch {batch_index}")
         losses.append(value)
     return EpochResult(sum(losses) / max(len(losses), 1), tuple(step_times_ms), time.perf_counter() - start)
+
+
+def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, float]:
+    """One training step (cross-entropy, backward, optimizer step); returns the loss and its wall
+    time in ms, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    synchronize(device)
+    return loss, (time.perf_counter() - start) * 1e3
 
 
 @torch.inference_mode()

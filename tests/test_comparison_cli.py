@@ -10,7 +10,7 @@ from comparison import records
 from comparison.cli import build_parser, config_from_args, main
 
 QUICK = ["--width", "0.125", "--limit-train", "256", "--limit-test", "128", "--pretrain-epochs", "1",
-         "--steps", "2", "--epochs-per-step", "1"]
+         "--steps", "2", "--epochs-per-step", "1", "--seeds", "0", "--sparsities", "0.9,0.99"]
 
 
 def _config(argv):
@@ -81,11 +81,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     table = records.load_table(out)
     assert list(table.columns) == list(records.COLUMNS)
-    assert set(table["method"]) == {"dense", "actuallysparse", "nni", "torch-prune"}
+    assert set(table["method"]) == {"dense", "actuallysparse", "nni", "torch-prune", "nni-structured", "random"}
     assert set(table["target_sparsity"]) == {0.0, 0.9, 0.99}
     assert not (table["metric"] == records.FAILED_METRIC).any()
-    assert len(list((out / "cells").glob("*.csv"))) == 7
-    assert len(list((out / "plots").glob("*.png"))) == 5
+    assert len(list((out / "cells").glob("*.csv"))) == 11
+    assert len(list((out / "plots").glob("*.png"))) == 6
     assert "| 0.99 | actuallysparse |" in completed.stdout
     peaks = table[table["metric"] == "model_rss_bytes"]["value"]
     assert (peaks > 0).all()
