@@ -149,17 +149,23 @@ def torch_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, co
 
 
 class Backend(NamedTuple):
-    """One implementation of the products, under a name."""
+    """One implementation of the products, under a name.
+
+    ``uses_transposed`` says whether its input gradient reads the transposed pattern; the native
+    kernels scatter along ``W``'s own rows instead, so a layer builds that cache only for the
+    torch backend.
+    """
 
     name: str
     forward: Callable[..., Tensor]
     grad_input: Callable[..., Tensor]
     grad_values: Callable[..., Tensor]
     backward: Callable[..., tuple]
+    uses_transposed: bool
 
 
-TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward)
-NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward)
+TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True)
+NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False)
 
 _fallback_warned = False
 _override: str | None = None
@@ -330,8 +336,9 @@ def sparse_linear(
         crow, col: CSR pattern of ``W`` (int32 or int64).
         shape: ``(out_features, in_features)``.
         transposed: cached pattern of ``W.T``, or a function returning it (called in eager
-            mode only: while torch.compile or torch.export trace, the pattern is left out of the
-            graph and the torch backend builds it in backward); built on the fly when missing.
+            mode only, and only for a backend that reads it: while torch.compile or torch.export
+            trace, the pattern is left out of the graph and the torch backend builds it in
+            backward); built on the fly when missing.
 
     Returns:
         ``(batch, out_features)``, equal to ``F.linear(x, W_dense, bias)``.
@@ -340,11 +347,12 @@ def sparse_linear(
         t_crow, t_col, perm = (None, None, None) if transposed is None or callable(transposed) else (
             transposed.crow, transposed.col, transposed.perm)
         return torch.ops.actuallysparse.linear(x, values, bias, crow, col, t_crow, t_col, perm, shape[0])
+    backend = backend_for(x, crow)
     if callable(transposed):
-        transposed = transposed()
+        transposed = transposed() if backend.uses_transposed else None
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
     )
     if not needs_grad:
-        return backend_for(x, crow).forward(x, values, bias, crow, col, shape[0])
+        return backend.forward(x, values, bias, crow, col, shape[0])
     return SparseLinearFunction.apply(x, values, bias, crow, col, transposed, shape)

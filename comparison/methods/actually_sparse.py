@@ -32,7 +32,7 @@ class ActuallySparse(Method):
     name = "actuallysparse"
     runtime_modules = ("actuallysparse.layers",)
     layout = "csr"
-    holds = ("sparse values", "int32 indices", "transposed-pattern cache while training")
+    holds = ("sparse values", "int32 indices")
 
     def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
         super().__init__(scope, seed)
