@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--width", "0.0625", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
         "--pretrain-epochs", "1", "--steps", "1", "--epochs-per-step", "1", "--sparsities", "0.9",
         "--methods", "dense,actuallysparse", "--latency-repeats", "1", "--probe-memory", "false",
-        "--threads", "1", "--no-plots", "--no-progress"]
+        "--threads", "1", "--seeds", "0", "--no-plots", "--no-progress"]
 # Metrics that do not depend on timing or on the machine: both executors must give exactly these.
 DETERMINISTIC = {"test_accuracy", "test_loss", "achieved_sparsity", "nonzero_weights", "stored_bytes",
                  "pruned_layers_bytes", "optimizer_state_bytes", "train_loss", "step_target_sparsity"}
