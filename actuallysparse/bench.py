@@ -30,11 +30,9 @@ the layer holds); ``train_bytes`` is what it holds after a backward and an Adam 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import math
-import platform
 import statistics
 import sys
 import time
@@ -47,7 +45,7 @@ from tqdm import tqdm
 
 from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
-from actuallysparse.memory import stored_bytes
+from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
 
 VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
@@ -97,17 +95,6 @@ def _backend_name(layer: nn.Module, in_features: int) -> str:
     """Which backend the layer's products run on here, e.g. ``native-avx2`` or ``torch``."""
     backend = functional.backend_for(torch.zeros(1, in_features, dtype=layer.values.dtype), layer._pattern()[0])
     return f"native-{kernels.isa()}" if backend.name == "native" else backend.name
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _train_bytes(layer: nn.Module, in_features: int) -> int:
@@ -293,7 +280,7 @@ def _with_weight(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 def header() -> str:
     """One line naming what the numbers were measured on: CPU, threads, torch, backend."""
     isa = kernels.isa() if kernels.is_available() else "unavailable"
-    return (f"CPU: {_cpu_model()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+    return (f"CPU: {kernels.cpu_model()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
             f"native kernels: {isa}")
 
 
@@ -313,14 +300,13 @@ def format_table(records: list[dict]) -> str:
                + "".join(f"| {name} × " for name in peers)
                + "| dense GFLOP/s | csr GFLOP/s | backend | dense MiB | masked MiB | coo MiB | csr MiB |")
     lines = [header_, "|" + "---|" * (header_.count("|") - 1)]
-    mib = 2.0 ** 20
     for r in records:
         lines.append(
             f"| {r['shape']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.2f} "
             + "".join(f"| {_ratio(r, name)} " for name in ("masked", "coo", "csr", "csr_torch", *peers))
             + f"| {r['dense_gflops']:.0f} | {r['csr_gflops']:.0f} | {r['backend']} "
-            f"| {r['dense_bytes'] / mib:.2f} | {r['masked_bytes'] / mib:.2f} "
-            f"| {r['coo_bytes'] / mib:.2f} | {r['csr_bytes'] / mib:.2f} |"
+            f"| {r['dense_bytes'] / MIB:.2f} | {r['masked_bytes'] / MIB:.2f} "
+            f"| {r['coo_bytes'] / MIB:.2f} | {r['csr_bytes'] / MIB:.2f} |"
         )
     return "\n".join(lines)
 

@@ -83,6 +83,23 @@ def is_available() -> bool:
     return True
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``; ``platform.processor()`` elsewhere).
+
+    Benchmarks print it beside every figure: speed ratios hold for one kind of CPU only.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def supported_isas() -> tuple[str, ...]:
     """The instruction sets this CPU can run, best first (loads the kernels)."""
     return tuple(isa for isa in ISAS if _ops().isa_supported(isa))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import platform
 import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from actuallysparse.kernels import cpu_model
 
 
 def available_cores() -> int:
@@ -47,17 +48,10 @@ def git_commit(path: str | Path | None = None) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name on CUDA, else the CPU's model name (``platform.processor()`` as a fallback)."""
+    """The GPU's name on CUDA, else the CPU's model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def node_columns(device: torch.device, threads: int) -> dict[str, object]:

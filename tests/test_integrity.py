@@ -14,35 +14,16 @@ import pytest
 
 from comparison import records, runner
 from comparison.cli import main
-from comparison.config import RunConfig
-from comparison.files import DirectoryLock
 from comparison.metrics import Measurement
+from tiny_run import TINY, deterministic, run_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--width", "0.0625", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
-        "--pretrain-epochs", "1", "--steps", "1", "--epochs-per-step", "1", "--sparsities", "0.9",
-        "--methods", "dense,actuallysparse", "--latency-repeats", "1", "--probe-memory", "false",
-        "--threads", "1", "--no-plots", "--no-progress"]
-# Metrics that do not depend on timing: a recovered table must hold exactly these values.
-DETERMINISTIC = {"test_accuracy", "test_loss", "achieved_sparsity", "nonzero_weights", "stored_bytes",
-                 "pruned_layers_bytes", "optimizer_state_bytes", "train_loss", "step_target_sparsity"}
-
-
-def _run(out, *extra):
-    return main(["run", *TINY, "--out", str(out), *extra])
-
-
-def _deterministic(directory):
-    table = records.load_table(directory, echo=lambda text: None)
-    table = table[table.metric.isin(DETERMINISTIC)]
-    return sorted(zip(table.method, table.target_sparsity, table.step, table.metric, table.value.round(6)))
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A complete tiny run, copied afresh by each test that damages it."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert _run(out) == 0
+    assert run_tiny(out) == 0
     return out
 
 
@@ -96,12 +77,12 @@ def test_a_damaged_cell_is_moved_aside_and_run_again(finished, damaged, damage, 
         records.manifest_path(path).unlink()
     else:
         path.write_bytes(b"\xff\xfe garbage \x00\x01")
-    assert _run(damaged) == 0
+    assert run_tiny(damaged) == 0
     out = capsys.readouterr().out
     assert str(path) in out and "moved it to" in out
     assert list((path.parent / "damaged").glob(path.name + ".*"))
     assert records.cell_problem(path) is None
-    assert _deterministic(damaged) == _deterministic(finished)
+    assert deterministic(damaged) == deterministic(finished)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_rows"])
@@ -116,7 +97,7 @@ def test_plot_never_draws_a_damaged_results_file(finished, damaged, damage, caps
         table.write_text("".join(lines[:1] + lines[1::2]))
     assert main(["plot", str(damaged), "--out", str(damaged / "replot")]) == 0
     assert str(table) in capsys.readouterr().out
-    assert _deterministic(damaged) == _deterministic(finished)
+    assert deterministic(damaged) == deterministic(finished)
     assert records._canonical(records.read_rows(table)) == records._canonical(
         records.read_rows(finished / records.RESULTS_FILE))
 
@@ -132,17 +113,17 @@ def test_a_damaged_baseline_is_named_moved_aside_and_retrained(finished, damaged
     else:
         baseline.with_name(baseline.name + ".sha256").unlink()
     _cell(damaged).unlink()  # a cell to compute, so the baseline is needed
-    assert _run(damaged) == 0
+    assert run_tiny(damaged) == 0
     out = capsys.readouterr().out
     assert str(baseline) in out and "training the baseline again" in out
-    assert _deterministic(damaged) == _deterministic(finished)
+    assert deterministic(damaged) == deterministic(finished)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"run_id": "other", "config": {}}'])
 def test_a_bad_config_file_stops_with_one_line_and_changes_nothing(damaged, content, capsys):
     (damaged / "config.json").write_bytes(content)
     before = {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()}
-    assert _run(damaged) == 2
+    assert run_tiny(damaged) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and (str(damaged / "config.json") in error or "other" in error), error
     assert {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()} == before
@@ -158,7 +139,7 @@ def test_a_bad_config_file_stops_with_one_line_and_changes_nothing(damaged, cont
 def test_a_refused_run_writes_nothing(tmp_path, argv, words, capsys):
     out = tmp_path / "out"
     argv = [str(ROOT / a) if a.endswith(("md", ".pt")) else a for a in argv]
-    assert _run(out, *argv) == 2
+    assert run_tiny(out, *argv) == 2
     error = capsys.readouterr().err
     assert words in error and error.count("\n") == 1, error
     assert not out.exists()
@@ -167,21 +148,21 @@ def test_a_refused_run_writes_nothing(tmp_path, argv, words, capsys):
 def test_out_naming_a_file_or_an_unwritable_folder_is_one_line(tmp_path, capsys):
     file = tmp_path / "file"
     file.write_text("x")
-    assert _run(file) == 2
+    assert run_tiny(file) == 2
     assert "is a file" in capsys.readouterr().err
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        assert _run(locked / "out") == 2
+        assert run_tiny(locked / "out") == 2
         assert "permission denied" in capsys.readouterr().err
 
 
 def test_a_run_refused_for_other_settings_keeps_the_original_config(damaged, capsys):
     before = (damaged / "config.json").read_text()
-    assert _run(damaged, "--lr", "0.5") == 2
+    assert run_tiny(damaged, "--lr", "0.5") == 2
     assert "settings differ: lr" in capsys.readouterr().err
     assert (damaged / "config.json").read_text() == before
-    assert _run(damaged) == 0  # the original command still resumes
+    assert run_tiny(damaged) == 0  # the original command still resumes
 
 
 # ------------------------------------------------------------------ the lock
@@ -190,12 +171,12 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(damaged, capsys):
     try:
         (damaged / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
                                                    "since": "now"}))
-        assert _run(damaged) == 2
+        assert run_tiny(damaged) == 2
         assert f"in use by process {sleeper.pid}" in capsys.readouterr().err
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert _run(damaged) == 0  # its process is gone: the lock is stale
+    assert run_tiny(damaged) == 0  # its process is gone: the lock is stale
     assert f"left by process {sleeper.pid}" in capsys.readouterr().out
     assert not (damaged / ".lock").exists()
 
@@ -204,7 +185,7 @@ def test_scratch_left_by_a_killed_run_is_cleaned(damaged):
     (damaged / ".scratch-dead").mkdir()
     (damaged / ".scratch-dead" / "model.pt").write_bytes(b"x" * 100)
     (damaged / records.CELLS_DIR / ".x.csv.abc.tmp").write_text("half")
-    assert _run(damaged) == 0
+    assert run_tiny(damaged) == 0
     assert not (damaged / ".scratch-dead").exists()
     assert not list(damaged.rglob("*.tmp"))
 

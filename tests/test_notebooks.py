@@ -1,5 +1,4 @@
 """The three notebooks run top to bottom (quick setting) and fail the suite if they break."""
-import os
 from pathlib import Path
 
 import pytest

@@ -10,29 +10,12 @@ import pandas as pd
 import pytest
 
 from comparison import records, runner
-from comparison.cli import main
 from comparison.config import EXECUTORS, ConfigError, RunConfig
+from tiny_run import deterministic, run_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--width", "0.0625", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
-        "--pretrain-epochs", "1", "--steps", "1", "--epochs-per-step", "1", "--sparsities", "0.9",
-        "--methods", "dense,actuallysparse", "--latency-repeats", "1", "--probe-memory", "false",
-        "--threads", "1", "--seeds", "0", "--no-plots", "--no-progress"]
-# Metrics that do not depend on timing or on the machine: both executors must give exactly these.
-DETERMINISTIC = {"test_accuracy", "test_loss", "achieved_sparsity", "nonzero_weights", "stored_bytes",
-                 "pruned_layers_bytes", "optimizer_state_bytes", "train_loss", "step_target_sparsity"}
 SPARSE_CELL = records.Cell("actuallysparse", 0.9, 0)
 DENSE_CELL = records.Cell("dense", 0.0, 0)
-
-
-def _run(out, *extra):
-    return main(["run", *TINY, "--out", str(out), *extra])
-
-
-def _deterministic(directory):
-    table = records.load_table(directory, echo=lambda text: None)
-    table = table[table.metric.isin(DETERMINISTIC)]
-    return sorted(zip(table.method, table.target_sparsity, table.step, table.metric, table.value.round(6)))
 
 
 def _rows(directory):
@@ -65,7 +48,7 @@ def test_the_library_and_the_local_executor_never_import_ray():
 
 def test_without_ray_installed_the_error_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as if it were absent
-    assert _run(tmp_path / "out", "--executor", "ray") == 2
+    assert run_tiny(tmp_path / "out", "--executor", "ray") == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "pip install 'actuallysparse[distributed]'" in error
     assert not (tmp_path / "out").exists()
@@ -78,7 +61,7 @@ def test_an_unreachable_address_is_refused_within_seconds_naming_it(tmp_path, ca
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
     start = time.perf_counter()
-    assert _run(tmp_path / "out", "--executor", "ray", "--ray-address", address) == 2
+    assert run_tiny(tmp_path / "out", "--executor", "ray", "--ray-address", address) == 2
     assert time.perf_counter() - start < 10
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and address in error
@@ -104,23 +87,23 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def localrun_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "run"
-    assert _run(out) == 0
+    assert run_tiny(out) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def ray_run(tmp_path_factory, ray_instance):
+def rayrun_tiny(tmp_path_factory, ray_instance):
     out = tmp_path_factory.mktemp("ray") / "run"
-    assert _run(out, "--executor", "ray") == 0
+    assert run_tiny(out, "--executor", "ray") == 0
     return out
 
 
 @pytest.mark.slow
 def test_ray_writes_the_same_cells_and_metrics_as_local(local_run, ray_run):
     assert sorted(p.name for p in (ray_run / "cells").iterdir()) == sorted(p.name for p in (local_run / "cells").iterdir())
-    assert _deterministic(ray_run) == _deterministic(local_run)
+    assert deterministic(ray_run) == deterministic(local_run)
     assert _rows(ray_run) == _rows(local_run)
     table = records.load_table(ray_run, echo=lambda text: None)
     assert set(table.host) == {__import__("socket").gethostname()} and set(table.threads) == {1}
@@ -136,9 +119,9 @@ def test_a_grid_started_by_one_executor_finishes_under_the_other(first, then, lo
     out = tmp_path / "run"
     shutil.copytree(local_run if first == "local" else ray_run, out)
     _forget(out, SPARSE_CELL if then == "ray" else DENSE_CELL)
-    assert _run(out, "--executor", then) == 0
+    assert run_tiny(out, "--executor", then) == 0
     assert "1 of 2 cells already done" in capsys.readouterr().out
-    assert _deterministic(out) == _deterministic(local_run)
+    assert deterministic(out) == deterministic(local_run)
     assert _rows(out) == _rows(local_run)  # no row twice, none missing
 
 
@@ -160,7 +143,7 @@ def test_a_cell_that_keeps_failing_is_retried_recorded_and_rerun_by_retry_failed
 
     monkeypatch.setattr(runner, "run_cell", failing_run_cell)
     out = tmp_path / "run"
-    assert _run(out, "--executor", "ray") == 1
+    assert run_tiny(out, "--executor", "ray") == 1
     assert len(list(attempts.iterdir())) == 1 + MAX_RETRIES
     assert records.cell_status(out, DENSE_CELL, _run_id(out)) == "finished"
     failed = [row for row in records.read_rows(records.cell_path(out, SPARSE_CELL)) if row["metric"] == "failed"]
@@ -168,10 +151,10 @@ def test_a_cell_that_keeps_failing_is_retried_recorded_and_rerun_by_retry_failed
     assert "Failed cells:" in (out / "summary.md").read_text()
 
     monkeypatch.undo()
-    assert _run(out, "--executor", "ray") == 0  # nothing to run: the failure is kept without --retry-failed
+    assert run_tiny(out, "--executor", "ray") == 0  # nothing to run: the failure is kept without --retry-failed
     assert records.cell_status(out, SPARSE_CELL, _run_id(out)) == "failed"
-    assert _run(out, "--executor", "ray", "--retry-failed") == 0
-    assert _deterministic(out) == _deterministic(local_run)
+    assert run_tiny(out, "--executor", "ray", "--retry-failed") == 0
+    assert deterministic(out) == deterministic(local_run)
 
 
 def _run_id(out):
@@ -199,14 +182,14 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_cell_finishes(ray_instance,
 
     monkeypatch.setattr(runner, "run_cell", run_cell_killed_once)
     out = tmp_path / "run"
-    assert _run(out, "--executor", "ray") == 0
+    assert run_tiny(out, "--executor", "ray") == 0
     assert marker.exists()  # a worker did die in the middle of the cell
-    assert _deterministic(out) == _deterministic(local_run)
+    assert deterministic(out) == deterministic(local_run)
 
 
 @pytest.mark.slow
 def test_a_cell_larger_than_every_node_is_refused_up_front(ray_instance, tmp_path, capsys):
-    assert _run(tmp_path / "out", "--executor", "ray", "--cpus-per-cell", "64") == 2
+    assert run_tiny(tmp_path / "out", "--executor", "ray", "--cpus-per-cell", "64") == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "64 CPUs" in error and "--cpus-per-cell" in error
     assert not (tmp_path / "out").exists()
