@@ -195,7 +195,8 @@ def accuracy_verdicts(final: pd.DataFrame, targets: list[float], references: set
                    f"indistinguishable at this size)" if len(close) > 1 else \
                    f"- At {target:g}: {close[0]} has the highest accuracy, its interval clear of the others'"
         if apart and len(close) > 1:
-            sentence += f"; {', '.join(apart)} {'is' if len(apart) == 1 else 'are'} below, intervals apart"
+            sentence += (f"; {', '.join(apart)} {'is' if len(apart) == 1 else 'are'} below {close[0]}, "
+                         f"{'its interval' if len(apart) == 1 else 'their intervals'} apart from {close[0]}'s")
         lines.append(sentence + ".")
     return lines
 
