@@ -87,14 +87,14 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def localrun_tiny(tmp_path_factory):
+def local_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "run"
     assert run_tiny(out) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def rayrun_tiny(tmp_path_factory, ray_instance):
+def ray_run(tmp_path_factory, ray_instance):
     out = tmp_path_factory.mktemp("ray") / "run"
     assert run_tiny(out, "--executor", "ray") == 0
     return out
