@@ -20,6 +20,7 @@ names one. Threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -49,7 +50,15 @@ def load() -> None:
         if _load_error is not None:
             raise RuntimeError(f"the compiled kernels could not be built: {_load_error}") from _load_error
         try:
-            from torch.utils import cpp_extension
+            # On a CUDA build of torch without a GPU, importing cpp_extension logs "No CUDA runtime
+            # is found": true and irrelevant for CPU kernels, so it is kept out of users' output.
+            extension_logger = logging.getLogger("torch.utils.cpp_extension")
+            level = extension_logger.level
+            extension_logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                extension_logger.setLevel(level)
 
             cpp_extension.load(
                 name=EXTENSION_NAME,
