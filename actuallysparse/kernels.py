@@ -20,6 +20,7 @@ names one. Threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -33,6 +34,19 @@ ISAS = ("avx512", "avx2", "scalar")
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
 EXTENSION_NAME = "actuallysparse_kernels"
+
+
+def _build_name() -> str:
+    """The extension's name in the cache, tagged with a digest of every source and header.
+
+    torch rebuilds when a listed source changes, but not when only a header does; the digest
+    makes any change to ``csrc`` a new build instead of a stale library.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"{EXTENSION_NAME}_{digest.hexdigest()[:12]}"
 
 _lock = threading.Lock()
 _loaded = False
@@ -61,7 +75,7 @@ def load() -> None:
                 extension_logger.setLevel(level)
 
             cpp_extension.load(
-                name=EXTENSION_NAME,
+                name=_build_name(),
                 sources=[str(SOURCE_DIR / name) for name in SOURCES],
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <tuple>
 
@@ -204,6 +205,220 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   return {grad_x, grad_values};
 }
 
+
+// ------------------------------------------------------------------ convolution
+// geometry = [kh, kw, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right]
+struct ConvGeometry {
+  int64_t kh, kw, sh, sw, dh, dw, pt, pb, pl, pr;
+  int64_t channels, height, width, padded_h, padded_w, out_h, out_w;
+};
+
+ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
+  TORCH_CHECK(g.size() == 10, "convolution geometry must hold 10 integers, got ", g.size());
+  ConvGeometry c{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], 0, 0, 0, 0, 0, 0, 0};
+  TORCH_CHECK(c.kh > 0 && c.kw > 0 && c.sh > 0 && c.sw > 0 && c.dh > 0 && c.dw > 0 && c.pt >= 0 && c.pb >= 0 &&
+              c.pl >= 0 && c.pr >= 0, "kernel size, stride and dilation must be positive and padding >= 0, got ", g);
+  TORCH_CHECK(x.dim() == 4, "convolution input must be 4-D (batch, channels, height, width), got ", x.sizes());
+  c.channels = x.size(1);
+  c.height = x.size(2);
+  c.width = x.size(3);
+  c.padded_h = c.height + c.pt + c.pb;
+  c.padded_w = c.width + c.pl + c.pr;
+  const int64_t span_h = c.dh * (c.kh - 1) + 1, span_w = c.dw * (c.kw - 1) + 1;
+  TORCH_CHECK(c.padded_h >= span_h && c.padded_w >= span_w, "padded input ", c.padded_h, "x", c.padded_w,
+              " is smaller than the dilated kernel ", span_h, "x", span_w);
+  c.out_h = (c.padded_h - span_h) / c.sh + 1;
+  c.out_w = (c.padded_w - span_w) / c.sw + 1;
+  TORCH_CHECK(c.channels * c.padded_h * c.padded_w <= INT32_MAX, "input too large for int32 offsets");
+  return c;
+}
+
+// Each non-zero's input row in the padded layout (see conv_impl.h): its column is c*kh*kw + i*kw + j.
+at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
+  at::Tensor off = at::empty({col.numel()}, col.options());
+  const int32_t* src = col.data_ptr<int32_t>();
+  int32_t* dst = off.data_ptr<int32_t>();
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t k = 0; k < col.numel(); ++k) {
+    const int64_t c = src[k] / taps, r = src[k] % taps;
+    TORCH_CHECK(c < g.channels, "a non-zero's column ", src[k], " names input channel ", c, " of ", g.channels);
+    dst[k] = static_cast<int32_t>((c * g.padded_h + (r / g.kw) * g.dh) * g.padded_w + (r % g.kw) * g.dw);
+  }
+  return off;
+}
+
+// Convolution tiles are whole vectors even for a batch of one (no spmv-like path).
+int64_t conv_tile_width(int64_t batch, int lanes) {
+  return std::min<int64_t>(4, std::max<int64_t>(1, (batch + lanes - 1) / lanes)) * lanes;
+}
+
+// pack[t][(c*Hp + h)*Wp + w][j] = x[t*tw + j][c][h - pt][w - pl], zero in the padding and past the batch.
+template <typename T>
+at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
+  const int64_t batch = x.size(0);
+  const int64_t n_tiles = (batch + tw - 1) / tw;
+  const int64_t plane = g.padded_h * g.padded_w;
+  at::Tensor out = at::zeros({n_tiles, g.channels * plane, tw}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  at::parallel_for(0, n_tiles * g.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / g.channels, c = item % g.channels;
+      const int64_t nb = std::min(tw, batch - t * tw);
+      T* tile = dst + (t * g.channels + c) * plane * tw;
+      for (int64_t j = 0; j < nb; ++j) {
+        const T* image = src + (t * tw + j) * sn + c * sc;
+        for (int64_t h = 0; h < g.height; ++h) {
+          T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
+          for (int64_t w = 0; w < g.width; ++w) row[w * tw] = image[h * sh + w * sw];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col) {
+  TORCH_CHECK(x.device().is_cpu(), "the native kernels run on the CPU, input is on ", x.device());
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), "values must be 1-D with one entry per "
+              "non-zero (", col.numel(), "), got ", values.sizes());
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
+              " differs from the weight's ", values.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the native kernels take float32 or float64, got ", x.scalar_type());
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
+                  const std::string& isa) {
+  check_isa(isa);
+  check_pattern(crow, col, n_rows);
+  check_conv_operands(x, values, col);
+  const ConvGeometry g = conv_geometry(x, geometry);
+  const at::Tensor vals = values.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.numel() == n_rows && b.scalar_type() == x.scalar_type(), "bias must be (", n_rows, ",) of ",
+                x.scalar_type());
+  }
+  const int64_t batch = x.size(0);
+  at::Tensor out = at::empty({batch, n_rows, g.out_h, g.out_w}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor off = conv_offsets(col, g);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
+    const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
+    const int64_t tw = conv_tile_width(batch, table.lanes);
+    const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
+    ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                            packed.data_ptr<scalar_t>(), packed.size(1), tw, batch, g.padded_w, g.out_h, g.out_w,
+                            g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr};
+    const int64_t n_tiles = packed.size(0);
+    constexpr int64_t kChunk = 32;  // output channels per work item
+    const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
+    // Items run tile, then output row, then channel chunk: one thread's consecutive items share
+    // the input rows of one output row.
+    at::parallel_for(0, n_tiles * g.out_h * n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t chunk = item % n_chunks, rest = item / n_chunks;
+        const int64_t y = rest % g.out_h, t = rest / g.out_h;
+        table.conv_forward(args, t, y, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
+      }
+    });
+  });
+  return out;
+}
+
+// First row of slice s when rows [0, n_rows) are cut into `slices` parts of about equal non-zeros.
+int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s, int64_t slices) {
+  if (s == 0) return 0;
+  if (s == slices) return n_rows;
+  return std::lower_bound(crow, crow + n_rows + 1, (nnz * s) / slices) - crow;
+}
+
+// The gradients of a convolution. The value gradient runs over slices of output channels (each
+// owns its non-zeros' entries and walks every tile); the input gradient over (slice, tile)
+// items scattering into their own padded accumulation tiles, summed and unpadded at the end.
+std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& values, const at::Tensor& crow,
+                                                   const at::Tensor& col, at::IntArrayRef geometry, bool need_input,
+                                                   bool need_values, const std::string& isa) {
+  check_isa(isa);
+  check_conv_operands(x, values, col);
+  const ConvGeometry g = conv_geometry(x, geometry);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(2) == g.out_h &&
+              grad_out.size(3) == g.out_w, "grad_out must be (", x.size(0), ", out_channels, ", g.out_h, ", ", g.out_w,
+              "), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and input must share a dtype");
+  const int64_t n_rows = grad_out.size(1), batch = x.size(0), nnz = col.numel();
+  check_pattern(crow, col, n_rows);
+  at::Tensor grad_x = at::zeros(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor grad_values = at::zeros({need_values ? nnz : 0}, x.options());
+  if (batch == 0 || nnz == 0 || (!need_input && !need_values)) return {grad_x, grad_values};
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor off = conv_offsets(col, g);
+  const int32_t* crow_data = crow.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d_backward", [&] {
+    const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
+    const int64_t tw = conv_tile_width(batch, table.lanes);
+    const at::Tensor packed_grad = pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
+    const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(x, tw, g) : at::Tensor();
+    const int64_t n_tiles = packed_grad.size(0);
+    const int64_t in_rows = g.channels * g.padded_h * g.padded_w;
+    ConvBackwardArgs<scalar_t> args{crow_data, off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                                    packed_grad.data_ptr<scalar_t>(),
+                                    need_values ? packed_input.data_ptr<scalar_t>() : nullptr, in_rows, tw, g.padded_w,
+                                    g.out_h, g.out_w, g.sh, g.sw, n_rows,
+                                    need_values ? grad_values.data_ptr<scalar_t>() : nullptr};
+    const int64_t threads = at::get_num_threads();
+    if (need_values) {
+      const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
+      at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const int64_t r0 = slice_start(crow_data, n_rows, nnz, s, slices);
+          const int64_t r1 = slice_start(crow_data, n_rows, nnz, s + 1, slices);
+          for (int64_t t = 0; t < n_tiles; ++t) table.conv_grad_values(args, t, r0, r1, t > 0);
+        }
+      });
+    }
+    if (!need_input) return;
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((threads + n_tiles - 1) / n_tiles, n_rows));
+    at::Tensor acc = at::zeros({slices, n_tiles, in_rows, tw}, x.options());
+    scalar_t* acc_data = acc.data_ptr<scalar_t>();
+    at::parallel_for(0, slices * n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t s = item / n_tiles, t = item % n_tiles;
+        table.conv_grad_input(args, t, slice_start(crow_data, n_rows, nnz, s, slices),
+                              slice_start(crow_data, n_rows, nnz, s + 1, slices),
+                              acc_data + (s * n_tiles + t) * in_rows * tw);
+      }
+    });
+    scalar_t* dst = grad_x.data_ptr<scalar_t>();
+    const int64_t plane = g.padded_h * g.padded_w;
+    const int64_t slice_stride = n_tiles * in_rows * tw;
+    at::parallel_for(0, n_tiles * g.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / g.channels, c = item % g.channels;
+        const int64_t nb = std::min(tw, batch - t * tw);
+        scalar_t* first = acc_data + (t * in_rows + c * plane) * tw;
+        for (int64_t s = 1; s < slices; ++s) {
+          const scalar_t* part = first + s * slice_stride;
+          for (int64_t i = 0; i < plane * tw; ++i) first[i] += part[i];
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          scalar_t* image = dst + ((t * tw + j) * g.channels + c) * g.height * g.width;
+          for (int64_t h = 0; h < g.height; ++h) {
+            const scalar_t* row = first + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
+            for (int64_t w = 0; w < g.width; ++w) image[h * g.width + w] = row[w * tw];
+          }
+        }
+      }
+    });
+  });
+  return {grad_x, grad_values};
+}
+
 }  // namespace
 }  // namespace actuallysparse
 
@@ -211,10 +426,16 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("spmm(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, str isa) -> Tensor");
   m.def("backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, bool need_input, "
         "bool need_values, str isa) -> (Tensor, Tensor)");
+  m.def("conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, int[] geometry, "
+        "str isa) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, int[] geometry, "
+        "bool need_input, bool need_values, str isa) -> (Tensor, Tensor)");
   m.def("isa_supported(str isa) -> bool", &actuallysparse::isa_supported);
 }
 
 TORCH_LIBRARY_IMPL(actuallysparse_kernels, CPU, m) {
   m.impl("spmm", &actuallysparse::spmm);
   m.impl("backward", &actuallysparse::backward);
+  m.impl("conv2d", &actuallysparse::conv2d);
+  m.impl("conv2d_backward", &actuallysparse::conv2d_backward);
 }

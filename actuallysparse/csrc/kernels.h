@@ -51,6 +51,41 @@ struct BackwardArgs {
   T* grad_values;        // (nnz,) accumulated over tiles, or null when not wanted
 };
 
+// A direct convolution (conv_impl.h): the padded input packed batch-tile-major, one offset
+// per non-zero into that layout, W in CSR over output channels.
+template <typename T>
+struct ConvArgs {
+  const int32_t* crow;   // (out_channels + 1,) row pointers
+  const int32_t* off;    // (nnz,) offset of each non-zero's input row: (c*Hp + kh*dh)*Wp + kw*dw
+  const T* values;       // (nnz,)
+  const T* packed;       // n_tiles tiles of in_rows * tw elements (padded input)
+  int64_t in_rows;       // C * Hp * Wp
+  int64_t tw;
+  int64_t batch;
+  int64_t padded_w;      // Wp
+  int64_t out_h, out_w;
+  int64_t stride_h, stride_w;
+  T* out;                // (batch, out_channels, out_h, out_w)
+  int64_t n_rows;        // out_channels
+  const T* bias;         // (out_channels,) or null
+};
+
+template <typename T>
+struct ConvBackwardArgs {
+  const int32_t* crow;
+  const int32_t* off;
+  const T* values;
+  const T* packed_grad;   // n_tiles tiles of (out_channels * out_h * out_w) * tw
+  const T* packed_input;  // the padded input as in ConvArgs, or null without grad_values
+  int64_t in_rows;
+  int64_t tw;
+  int64_t padded_w;
+  int64_t out_h, out_w;
+  int64_t stride_h, stride_w;
+  int64_t n_rows;
+  T* grad_values;         // (nnz,)
+};
+
 template <typename T>
 struct KernelTable {
   int lanes;  // elements per vector register
@@ -61,6 +96,13 @@ struct KernelTable {
   //   acc_tile[col_k] += values[k] * packed_rows[tile][row_k]                  (if acc_tile)
   void (*backward)(const BackwardArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile,
                    bool accumulate);
+  // Convolution: output row y of channels [o_begin, o_end) on batch tile `tile`.
+  void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t y, int64_t o_begin, int64_t o_end);
+  // Scatter the input gradient of channels [o_begin, o_end) into acc (one padded tile).
+  void (*conv_grad_input)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end, T* acc);
+  // grad_values of channels [o_begin, o_end) from one tile, added when `accumulate`.
+  void (*conv_grad_values)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end,
+                           bool accumulate);
 };
 
 KernelTable<float> scalar_table_f32();

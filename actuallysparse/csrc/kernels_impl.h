@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include "kernels.h"
+#include "conv_impl.h"
 
 namespace actuallysparse {
 namespace impl {
@@ -226,7 +227,8 @@ void backward(const BackwardArgs<typename V::T>& a, int64_t tile, int64_t row_be
 
 template <typename V>
 KernelTable<typename V::T> make_table() {
-  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &backward<V>};
+  return KernelTable<typename V::T>{V::lanes, &spmm<V>, &backward<V>, &conv_forward<V>, &conv_grad_input<V>,
+                                   &conv_grad_values<V>};
 }
 
 }  // namespace impl
