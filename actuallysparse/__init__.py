@@ -1,14 +1,18 @@
-"""actuallysparse: PyTorch linear layers whose pruned weights are really gone.
+"""actuallysparse: PyTorch linear and convolution layers whose pruned weights are really gone.
 
 Modules:
+    storage     ``SparseModule``: the non-zeros, pattern, pruning and state every sparse layer shares
     layers      ``SparseLayer`` and the original package's helpers
+    conv        ``SparseConv2d``
     converter   dense <-> COO <-> CSR conversion of layers and models
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
     optim       keeping optimizers in step with pruned parameters
-    functional  the sparse forward/backward kernel
+    functional  the sparse products and the one place that picks their backend
+    kernels     the compiled CPU kernels, built on first use
     bench       ``python -m actuallysparse.bench``: dense vs masked vs sparse, side by side
 """
+from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
 from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
 from actuallysparse.memory import MemoryReport, stored_bytes
@@ -18,6 +22,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "SparseLayer",
+    "SparseConv2d",
     "convert",
     "convert_model",
     "prune_sparse_model",

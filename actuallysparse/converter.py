@@ -1,4 +1,4 @@
-"""Conversion of linear layers and whole models between dense, COO and CSR.
+"""Conversion of linear and convolution layers, and whole models, between dense, COO and CSR.
 
 Zeros are dropped on every conversion to a sparse format, and sparse-to-sparse
 conversion never builds the dense weight.
@@ -11,10 +11,12 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from actuallysparse.conv import SparseConv2d
 from actuallysparse.layers import SparseLayer
+from actuallysparse.storage import SparseModule
 
 CONVERSION_TARGETS = ("dense", "coo", "csr")
-CONVERTIBLE_TYPES = (nn.Linear, SparseLayer)
+CONVERTIBLE_TYPES = (nn.Linear, SparseLayer, nn.Conv2d, SparseConv2d)
 
 
 class UnknownTargetError(TypeError, ValueError):
@@ -28,23 +30,29 @@ def _check_target(target) -> str:
     return target
 
 
+def _dense_shape(layer: nn.Module) -> tuple[int, ...]:
+    return tuple(layer._dense_shape) if isinstance(layer, SparseModule) else tuple(layer.weight.shape)
+
+
 def _entries(layer: nn.Module, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows, columns and values of the non-zero weights of ``layer`` (mask applied)."""
-    out_features, in_features = layer.out_features, layer.in_features
+    """Rows, columns and values of the non-zeros of ``layer``'s weight matrix (mask applied).
+
+    The matrix has one row per output; a convolution's columns run over (input channel, kh, kw).
+    """
+    shape = _dense_shape(layer)
     if mask is not None:
         if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor of shape ({out_features}, {in_features}), "
-                            f"got {type(mask).__name__}")
-        if tuple(mask.shape) != (out_features, in_features):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's shape "
-                             f"({out_features}, {in_features})")
-    if isinstance(layer, SparseLayer):
+            raise TypeError(f"mask must be a torch.Tensor of shape {shape}, got {type(mask).__name__}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's shape {shape}")
+        mask = mask.reshape(shape[0], -1)
+    if isinstance(layer, SparseModule):
         rows, cols = layer._rows_cols()
         values = layer.values.detach().clone()
         if mask is not None:
             values = values * mask.to(values.device)[rows, cols].to(values.dtype)
     else:
-        weight = layer.weight.detach()
+        weight = layer.weight.detach().reshape(shape[0], -1)
         if mask is not None:
             weight = weight * mask.to(weight.device).to(weight.dtype)
         rows, cols = torch.nonzero(weight, as_tuple=True)
@@ -53,26 +61,63 @@ def _entries(layer: nn.Module, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
     rows, cols, values = rows[nonzero], cols[nonzero], values[nonzero]
     not_finite = int((~torch.isfinite(values)).sum())
     if not_finite:
-        warnings.warn(f"converting {type(layer).__name__}({layer.in_features}, {layer.out_features}): "
+        warnings.warn(f"converting {type(layer).__name__} with weight {shape}: "
                       f"{not_finite} of its {values.numel()} non-zero weights are NaN or infinite; they are "
                       f"kept as they are, but magnitude pruning will refuse this layer", RuntimeWarning,
                       stacklevel=3)
     return rows, cols, values
 
 
-def convert(layer: nn.Linear | SparseLayer, target: str, mask: Tensor | None = None) -> nn.Module:
-    """Convert one layer to ``"dense"`` (``nn.Linear``), ``"coo"`` or ``"csr"`` (``SparseLayer``).
+def _linear(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> nn.Module:
+    if target == "dense":
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=values.device,
+                          dtype=values.dtype)
+        _fill_dense(dense, rows, cols, values, bias)
+        return dense
+    k = layer.k if isinstance(layer, SparseModule) else 0.05
+    return SparseLayer.from_entries(layer.in_features, layer.out_features, rows, cols, values, bias=bias,
+                                    csr_mode=(target == "csr"), k=k)
 
-    The result is a new layer on the same device and dtype; ``layer`` is untouched.
+
+def _conv(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> nn.Module:
+    geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+    if target == "dense":
+        dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=bias is not None,
+                          device=values.device, dtype=values.dtype, **geometry)
+        _fill_dense(dense, rows, cols, values, bias)
+        return dense
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+        raise ValueError(f"SparseConv2d supports groups=1 and padding_mode='zeros'; this Conv2d has "
+                         f"groups={layer.groups}, padding_mode={layer.padding_mode!r}")
+    k = layer.k if isinstance(layer, SparseModule) else 0.05
+    return SparseConv2d.from_entries(layer.in_channels, layer.out_channels, layer.kernel_size, rows, cols, values,
+                                     bias, csr_mode=(target == "csr"), k=k, **geometry)
+
+
+def _fill_dense(dense: nn.Module, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> None:
+    with torch.no_grad():
+        matrix = dense.weight.view(dense.weight.shape[0], -1)
+        matrix.zero_()
+        matrix[rows, cols] = values
+        if bias is not None:
+            dense.bias.copy_(bias)
+
+
+def convert(layer: nn.Module, target: str, mask: Tensor | None = None) -> nn.Module:
+    """Convert one layer to ``"dense"``, ``"coo"`` or ``"csr"``.
+
+    ``nn.Linear`` and :class:`SparseLayer` convert into each other, ``nn.Conv2d`` and
+    :class:`SparseConv2d` likewise. The result is a new layer on the same device and dtype;
+    ``layer`` is untouched.
 
     Args:
-        layer: an ``nn.Linear`` or a :class:`SparseLayer`.
+        layer: an ``nn.Linear``, ``nn.Conv2d``, :class:`SparseLayer` or :class:`SparseConv2d`.
         target: one of ``"dense"``, ``"coo"``, ``"csr"``.
-        mask: optional ``(out_features, in_features)`` tensor; weights where it is
-            zero are dropped.
+        mask: optional tensor of the weight's shape; weights where it is zero are dropped.
 
     Raises:
         TypeError: unknown ``target`` (lists the valid ones) or unsupported layer type.
+        ValueError: an ``nn.Conv2d`` the sparse convolution does not support (groups, padding mode).
 
     Example::
 
@@ -81,23 +126,12 @@ def convert(layer: nn.Linear | SparseLayer, target: str, mask: Tensor | None = N
     """
     target = _check_target(target)
     if not isinstance(layer, CONVERTIBLE_TYPES):
-        raise TypeError(f"convert() takes an nn.Linear or a SparseLayer, got {type(layer).__name__}")
+        raise TypeError(f"convert() takes an nn.Linear, nn.Conv2d, SparseLayer or SparseConv2d, "
+                        f"got {type(layer).__name__}")
     rows, cols, values = _entries(layer, mask)
-    has_bias = layer.bias is not None
-    factory = {"device": values.device, "dtype": values.dtype}
-    if target == "dense":
-        converted = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, **factory)
-        with torch.no_grad():
-            converted.weight.zero_()
-            converted.weight[rows, cols] = values
-    else:
-        k = layer.k if isinstance(layer, SparseLayer) else 0.05
-        bias = layer.bias.detach() if has_bias else None
-        converted = SparseLayer.from_entries(layer.in_features, layer.out_features, rows, cols,
-                                             values, bias=bias, csr_mode=(target == "csr"), k=k)
-    if has_bias and target == "dense":
-        with torch.no_grad():
-            converted.bias.copy_(layer.bias.detach())
+    bias = layer.bias.detach() if layer.bias is not None else None
+    build = _conv if isinstance(layer, (nn.Conv2d, SparseConv2d)) else _linear
+    converted = build(layer, target, rows, cols, values, bias)
     converted.train(layer.training)
     return converted
 
@@ -109,12 +143,13 @@ def convert_model(model: nn.Module, layer_type: type, target: str) -> nn.Module:
 
     Args:
         model: any module.
-        layer_type: ``nn.Linear`` or :class:`SparseLayer` (or a subclass).
+        layer_type: ``nn.Linear``, ``nn.Conv2d``, :class:`SparseLayer` or :class:`SparseConv2d`
+            (or a subclass).
         target: one of ``"dense"``, ``"coo"``, ``"csr"``.
     """
     target = _check_target(target)
     if not (isinstance(layer_type, type) and issubclass(layer_type, CONVERTIBLE_TYPES)):
-        raise TypeError(f"layer_type must be nn.Linear or SparseLayer, got {layer_type!r}")
+        raise TypeError(f"layer_type must be nn.Linear, nn.Conv2d, SparseLayer or SparseConv2d, got {layer_type!r}")
     if isinstance(model, layer_type):
         return convert(model, target)
     converted = copy.deepcopy(model)

@@ -148,6 +148,55 @@ def torch_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, co
     return grad_x, grad_values
 
 
+# ---------------------------------------------------------------- convolution
+# A convolution's geometry travels as ten integers: kernel (kh, kw), stride (sh, sw), dilation
+# (dh, dw) and padding (top, bottom, left, right). Its weight matrix is (out_channels,
+# in_channels * kh * kw), column c * kh * kw + i * kw + j for tap (i, j) of input channel c.
+CONV_GEOMETRY_FIELDS = ("kh", "kw", "stride_h", "stride_w", "dilation_h", "dilation_w",
+                        "pad_top", "pad_bottom", "pad_left", "pad_right")
+
+
+def _conv_dense_weight(values: Tensor, crow: Tensor, col: Tensor, out_channels: int, in_channels: int,
+                       geometry: tuple[int, ...]) -> Tensor:
+    """The 4-D dense weight of a sparse convolution (the torch backend's operand)."""
+    kh, kw = geometry[0], geometry[1]
+    dense = values.new_zeros(out_channels, in_channels * kh * kw)
+    dense = dense.index_put((rows_from_crow(crow), col.long()), values)
+    return dense.reshape(out_channels, in_channels, kh, kw)
+
+
+def _conv_padded(x: Tensor, geometry: tuple[int, ...]) -> Tensor:
+    top, bottom, left, right = geometry[6:10]
+    return F.pad(x, (left, right, top, bottom)) if (top or bottom or left or right) else x
+
+
+def torch_conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
+                       out_channels: int, geometry: tuple[int, ...]) -> Tensor:
+    """``conv2d(x, W) + bias`` through torch's dense convolution on the scattered weight."""
+    weight = _conv_dense_weight(values, crow, col, out_channels, x.shape[1], geometry)
+    return F.conv2d(_conv_padded(x, geometry), weight, bias, stride=tuple(geometry[2:4]),
+                    dilation=tuple(geometry[4:6]))
+
+
+def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor,
+                        geometry: tuple[int, ...], need_input: bool, need_values: bool
+                        ) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)`` of a sparse convolution through torch's dense backward."""
+    weight = _conv_dense_weight(values, crow, col, grad_out.shape[1], x.shape[1], geometry)
+    padded = _conv_padded(x, geometry)
+    grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, padded, weight, None, list(geometry[2:4]), [0, 0], list(geometry[4:6]), False, [0, 0], 1,
+        [need_input, need_values, False])
+    grad_x = None
+    if need_input:
+        top, left = geometry[6], geometry[8]
+        grad_x = grad_padded[:, :, top:top + x.shape[2], left:left + x.shape[3]].contiguous()
+    grad_values = None
+    if need_values:
+        grad_values = grad_weight.reshape(grad_out.shape[1], -1)[rows_from_crow(crow), col.long()]
+    return grad_x, grad_values
+
+
 class Backend(NamedTuple):
     """One implementation of the products, under a name.
 
@@ -162,10 +211,14 @@ class Backend(NamedTuple):
     grad_values: Callable[..., Tensor]
     backward: Callable[..., tuple]
     uses_transposed: bool
+    conv_forward: Callable[..., Tensor]
+    conv_backward: Callable[..., tuple]
 
 
-TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True)
-NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False)
+TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True,
+                        torch_conv_forward, torch_conv_backward)
+NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False,
+                         kernels.conv_forward, kernels.conv_backward)
 
 _fallback_warned = False
 _override: str | None = None
@@ -356,3 +409,103 @@ def sparse_linear(
     if not needs_grad:
         return backend.forward(x, values, bias, crow, col, shape[0])
     return SparseLinearFunction.apply(x, values, bias, crow, col, transposed, shape)
+
+
+class SparseConv2dFunction(torch.autograd.Function):
+    """``conv2d(x, W) + b`` with ``W``'s matrix given as a CSR pattern and its ``values``."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, crow, col, out_channels, geometry):  # noqa: D102
+        backend = backend_for(x, crow)
+        ctx.save_for_backward(x, values)
+        ctx.pattern = (crow, col, geometry, backend)
+        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, values = ctx.saved_tensors
+        crow, col, geometry, backend = ctx.pattern
+        grad_x, grad_values = backend.conv_backward(grad_out, x, values, crow, col, geometry,
+                                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None, None, None, None
+
+
+@torch.library.custom_op("actuallysparse::conv2d", mutates_args=())
+def conv2d_op(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor, out_channels: int,
+              geometry: list[int]) -> Tensor:
+    """``conv2d(x, W) + bias`` as an operator (see :data:`CONV_GEOMETRY_FIELDS` for ``geometry``)."""
+    return backend_for(x, crow).conv_forward(x, values, bias, crow, col, out_channels, tuple(geometry))
+
+
+def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
+    """Output length of a convolution along one axis."""
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@conv2d_op.register_fake
+def _conv2d_fake(x, values, bias, crow, col, out_channels, geometry):
+    kh, kw, sh, sw, dh, dw, top, bottom, left, right = geometry
+    return x.new_empty(x.shape[0], out_channels, conv_output_size(x.shape[2], kh, sh, dh, top, bottom),
+                       conv_output_size(x.shape[3], kw, sw, dw, left, right))
+
+
+@torch.library.custom_op("actuallysparse::conv2d_backward", mutates_args=())
+def conv2d_backward_op(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, geometry: list[int],
+                       need_input: bool, need_values: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_input, grad_values)`` of a sparse convolution; a gradient not needed comes back empty."""
+    grad_x, grad_values = backend_for(x, crow).conv_backward(grad_out, x, values, crow, col, tuple(geometry),
+                                                             need_input, need_values)
+    return (grad_x if grad_x is not None else x.new_empty(0),
+            grad_values if grad_values is not None else values.new_empty(0))
+
+
+@conv2d_backward_op.register_fake
+def _conv2d_backward_fake(grad_out, x, values, crow, col, geometry, need_input, need_values):
+    return (x.new_empty(x.shape) if need_input else x.new_empty(0),
+            values.new_empty(values.shape) if need_values else values.new_empty(0))
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    x, values, bias, crow, col, out_channels, geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(x, values, crow, col)
+
+
+def _conv2d_backward(ctx, grad_out):
+    x, values, crow, col = ctx.saved_tensors
+    need_input, need_values, need_bias = ctx.needs_input_grad[:3]
+    grad_x, grad_values = torch.ops.actuallysparse.conv2d_backward(
+        grad_out, x, values, crow, col, ctx.geometry, need_input, need_values)
+    grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
+    return (grad_x if need_input else None, grad_values if need_values else None, grad_bias,
+            None, None, None, None)
+
+
+conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
+                  geometry: tuple[int, ...]) -> Tensor:
+    """Apply a sparse 2-D convolution to a 4-D input ``(batch, in_channels, height, width)``.
+
+    Args:
+        x: dense input.
+        values: the non-zeros of the weight matrix ``(out_channels, in_channels * kh * kw)``,
+            row-major.
+        bias: ``(out_channels,)`` or ``None``.
+        crow, col: CSR pattern of that matrix.
+        out_channels: rows of the matrix.
+        geometry: ten integers, :data:`CONV_GEOMETRY_FIELDS`.
+
+    Returns:
+        ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight.
+    """
+    if _traced(x):
+        return torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
+    backend = backend_for(x, crow)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad:
+        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
+    return SparseConv2dFunction.apply(x, values, bias, crow, col, out_channels, geometry)

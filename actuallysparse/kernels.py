@@ -9,7 +9,9 @@ Three plain functions with the same signatures as the pure-torch path in
   transposed pattern (``t_crow, t_col, perm``, which the torch backend needs) goes unused;
 * :func:`grad_values` ``(grad_out, x, crow, col) -> dv``, ``dv[k] = sum_b dy[b, row_k] x[b, col_k]``;
 * :func:`backward` ``(grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)``:
-  whichever of the two gradients are needed, in one call.
+  whichever of the two gradients are needed, in one call;
+* :func:`conv_forward` and :func:`conv_backward`: the same for a direct sparse 2-D convolution
+  (``csrc/conv_impl.h``).
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -176,3 +178,17 @@ def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tenso
     """The gradient of each non-zero: ``sum_b grad_out[b, row_k] * x[b, col_k]``."""
     values = x.new_empty(col.numel())  # only its shape is read
     return backward(grad_out, x, values, crow, col, None, None, None, False, True)[1]
+
+
+def conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
+                 geometry: tuple[int, ...]) -> Tensor:
+    """A direct sparse convolution of a 4-D input (``geometry`` as in :mod:`actuallysparse.functional`)."""
+    return _ops().conv2d(x, values, bias, crow, col, out_channels, list(geometry), isa())
+
+
+def conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, geometry: tuple[int, ...],
+                  need_input: bool, need_values: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)`` of a sparse convolution; ``None`` for a gradient not needed."""
+    grad_x, grad_values = _ops().conv2d_backward(grad_out, x, values, crow, col, list(geometry), need_input,
+                                                 need_values, isa())
+    return (grad_x if need_input else None), (grad_values if need_values else None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from actuallysparse.layers import SparseLayer
+from actuallysparse.storage import SparseModule
 
 MIB = 2**20
 """Bytes in a mebibyte: every MiB figure of the package and its harness divides by this."""
@@ -80,7 +80,7 @@ def tensor_bytes(tensor: Tensor) -> int:
 
 
 def _classify(module: nn.Module, name: str, kind: str) -> str:
-    if isinstance(module, SparseLayer):
+    if isinstance(module, SparseModule):
         if name == "values":
             return "values"
         if name in _SPARSE_INDEX_NAMES:
@@ -113,7 +113,7 @@ def _module_tensors(module: nn.Module):
     for name, value in vars(module).items():
         if isinstance(value, Tensor) and name not in module._parameters and name not in module._buffers:
             yield name, value, "attribute"
-    if isinstance(module, SparseLayer) and module._transposed is not None:
+    if isinstance(module, SparseModule) and module._transposed is not None:
         cache = module._transposed
         for name in ("crow", "col", "perm"):
             yield f"_transposed.{name}", getattr(cache, name), "cache"

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from actuallysparse.layers import SparseLayer, check_finite_values, sparse_layers
+from actuallysparse.storage import SparseModule, check_finite_values, sparse_modules
 from actuallysparse.optim import check_optimizer
 
 PRUNING_SCOPES = ("layer", "global")
@@ -30,26 +30,26 @@ def weights_to_keep(total_weights: int, target_sparsity: float) -> int:
 
 
 def achieved_sparsity(module: nn.Module) -> float:
-    """Fraction of pruned weights over all :class:`SparseLayer` s in ``module``."""
-    layers = sparse_layers(module)
-    total = sum(layer.in_features * layer.out_features for layer in layers)
+    """Fraction of pruned weights over all sparse layers (linear and convolution) in ``module``."""
+    layers = sparse_modules(module)
+    total = sum(layer.n_weights for layer in layers)
     if total == 0:
-        raise ValueError(f"{type(module).__name__} contains no SparseLayer")
+        raise ValueError(f"{type(module).__name__} contains no sparse layer (SparseLayer or SparseConv2d)")
     return 1.0 - sum(layer.nnz for layer in layers) / total
 
 
 def prune_to_sparsity(module: nn.Module, target_sparsity: float, *, scope: str = "layer",
                       optimizer: torch.optim.Optimizer | None = None) -> float:
-    """Prune every :class:`SparseLayer` in ``module`` by magnitude to ``target_sparsity``.
+    """Prune every sparse layer (linear or convolution) in ``module`` by magnitude to ``target_sparsity``.
 
     Weights leave storage. A layer already sparser than the target is left alone:
     weights never grow back.
 
     Args:
-        module: a :class:`SparseLayer` or any module containing some.
+        module: a sparse layer or any module containing some.
         target_sparsity: fraction of zeros wanted, in ``[0, 1]``.
         scope: ``"layer"``: each layer reaches the target on its own; ``"global"``:
-            one magnitude threshold across all layers, so the target holds overall.
+            one magnitude threshold across all layers, linear and convolution alike, so the target holds overall.
         optimizer: optional optimizer to update on the spot; without it, optimizers
             are remapped before their next step.
 
@@ -64,23 +64,23 @@ def prune_to_sparsity(module: nn.Module, target_sparsity: float, *, scope: str =
     check_optimizer(optimizer)
     if scope not in PRUNING_SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, PRUNING_SCOPES))}")
-    layers = sparse_layers(module)
+    layers = sparse_modules(module)
     if not layers:
-        raise ValueError(f"{type(module).__name__} contains no SparseLayer to prune")
+        raise ValueError(f"{type(module).__name__} contains no sparse layer (SparseLayer or SparseConv2d) to prune")
     for name, layer in module.named_modules():
-        if isinstance(layer, SparseLayer):
+        if isinstance(layer, SparseModule):
             check_finite_values(layer, name or type(module).__name__)
     if scope == "layer":
         for layer in layers:
-            n_keep = weights_to_keep(layer.in_features * layer.out_features, target_sparsity)
+            n_keep = weights_to_keep(layer.n_weights, target_sparsity)
             layer.remove_smallest(layer.nnz - n_keep, optimizer=optimizer)
     else:
         _prune_globally(layers, target_sparsity, optimizer)
     return achieved_sparsity(module)
 
 
-def _prune_globally(layers: list[SparseLayer], target_sparsity: float, optimizer) -> None:
-    total = sum(layer.in_features * layer.out_features for layer in layers)
+def _prune_globally(layers: list[SparseModule], target_sparsity: float, optimizer) -> None:
+    total = sum(layer.n_weights for layer in layers)
     n_keep = weights_to_keep(total, target_sparsity)
     stored = sum(layer.nnz for layer in layers)
     if n_keep >= stored:

@@ -76,10 +76,14 @@ def test_unknown_target_is_a_type_error_listing_valid_targets():
 
 
 def test_unsupported_layer_type():
-    with pytest.raises(TypeError, match="Conv2d"):
-        convert(nn.Conv2d(1, 1, 1), "coo")
+    with pytest.raises(TypeError, match="Conv1d"):
+        convert(nn.Conv1d(1, 1, 1), "coo")
     with pytest.raises(TypeError, match="layer_type"):
-        convert_model(nn.Sequential(nn.Conv2d(1, 1, 1)), nn.Conv2d, "coo")
+        convert_model(nn.Sequential(nn.Conv1d(1, 1, 1)), nn.Conv1d, "coo")
+    with pytest.raises(ValueError, match="groups=2"):
+        convert(nn.Conv2d(2, 2, 1, groups=2), "csr")
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        convert(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "coo")
 
 
 def test_k_dtype_and_mode_carry_over():

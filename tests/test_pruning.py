@@ -66,7 +66,7 @@ def test_bad_target(bad):
 def test_bad_scope_and_no_sparse_layer():
     with pytest.raises(ValueError, match="'layer', 'global'"):
         prune_to_sparsity(SparseLayer(3, 3), 0.5, scope="model")
-    with pytest.raises(ValueError, match="no SparseLayer"):
+    with pytest.raises(ValueError, match="no sparse layer"):
         prune_to_sparsity(nn.Linear(3, 3), 0.5)
 
 
