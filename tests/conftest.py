@@ -2,6 +2,34 @@
 import pytest
 import torch
 
+from actuallysparse import functional, kernels
+
+# Every backend and instruction set; a kernel test takes the `backend` fixture and runs on each.
+CONFIGS = [("torch", None)] + [("native", isa) for isa in kernels.ISAS]
+
+
+def _config_id(config):
+    backend, isa = config
+    return backend if isa is None else f"{backend}-{isa}"
+
+
+@pytest.fixture(params=CONFIGS, ids=_config_id)
+def backend(request, monkeypatch):
+    """Force one backend (and instruction set) through the environment; yield the Backend."""
+    name, isa = request.param
+    monkeypatch.setenv(functional.BACKEND_VARIABLE, name)
+    if isa is None:
+        monkeypatch.delenv(kernels.ISA_VARIABLE, raising=False)
+        return functional.TORCH_BACKEND
+    if not kernels.is_available():
+        pytest.skip(f"the native kernels could not be built: {kernels.load_error_summary()}")
+    if isa not in kernels.supported_isas():
+        pytest.skip(f"this CPU lacks {isa} (it supports {', '.join(kernels.supported_isas())})")
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    return functional.NATIVE_BACKEND
+
+
+
 
 @pytest.fixture(autouse=True)
 def _seed():

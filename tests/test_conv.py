@@ -1,0 +1,264 @@
+"""SparseConv2d: products against a masked dense Conv2d on every backend, its API, and mixed models."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actuallysparse import SparseConv2d, SparseLayer, convert, convert_model, functional, kernels, stored_bytes
+from actuallysparse.layers import prune_sparse_model, set_global_k
+from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
+
+# (in, out, kernel, stride, padding, dilation, bias, height, width)
+GEOMETRIES = [
+    pytest.param(3, 5, 3, 1, 1, 1, True, 7, 9, id="3x3-pad1-odd"),
+    pytest.param(4, 6, 1, 1, 0, 1, True, 5, 5, id="1x1"),
+    pytest.param(4, 5, 3, 2, 1, 1, False, 9, 8, id="3x3-stride2-nobias"),
+    pytest.param(3, 4, 3, 1, 2, 2, True, 8, 7, id="3x3-dilation2"),
+    pytest.param(5, 4, 3, 1, "same", 1, True, 6, 5, id="3x3-same"),
+    pytest.param(3, 4, (2, 3), 1, "same", (2, 1), True, 6, 7, id="2x3-same-dilated"),
+    pytest.param(2, 3, 3, (2, 1), 0, 1, True, 7, 6, id="3x3-valid-stride21"),
+]
+
+
+def _masked_pair(in_ch, out_ch, kernel, stride, padding, dilation, bias, *, density=0.4, dtype=torch.float64,
+                 fmt="csr"):
+    """A dense Conv2d with a random pattern (one output channel empty) and its SparseConv2d."""
+    dense = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                      dtype=dtype)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < density)
+        dense.weight[out_ch // 2] = 0
+    return dense, convert(dense, fmt)
+
+
+def _tolerance(dtype):
+    return {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3, 37])
+@pytest.mark.parametrize("in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width", GEOMETRIES)
+def test_products_match_masked_dense(backend, dtype, batch, in_ch, out_ch, kernel, stride, padding, dilation, bias,
+                                     height, width):
+    dense, sparse = _masked_pair(in_ch, out_ch, kernel, stride, padding, dilation, bias, dtype=dtype)
+    x = torch.randn(batch, in_ch, height, width, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = sparse(x), dense(x_ref)
+    torch.testing.assert_close(out, expected, **_tolerance(dtype))
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, **_tolerance(dtype))
+    rows, cols = sparse._rows_cols()
+    assert sparse.values.grad.shape == (sparse.nnz,)
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad.reshape(out_ch, -1)[rows, cols],
+                               **_tolerance(dtype))
+    if bias:
+        torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width", GEOMETRIES[:5])
+def test_gradcheck(backend, in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width):
+    _, sparse = _masked_pair(in_ch, out_ch, kernel, stride, padding, dilation, bias, density=0.5)
+    crow, col = sparse._pattern()
+    x = torch.randn(2, in_ch, height, width, dtype=torch.float64, requires_grad=True)
+    values = sparse.values.detach().clone().requires_grad_()
+    b = sparse.bias.detach().clone().requires_grad_() if bias else None
+    inputs = (x, values) + ((b,) if bias else ())
+
+    def apply(x, values, b=None):
+        return functional.SparseConv2dFunction.apply(x, values, b, crow, col, out_ch, sparse.geometry())
+
+    assert torch.autograd.gradcheck(apply, inputs)
+
+
+def test_no_non_zeros_leaves_the_bias(backend):
+    conv = convert(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), "coo")
+    conv.keep_entries(torch.zeros(conv.nnz, dtype=torch.bool))
+    assert conv.nnz == 0
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    torch.testing.assert_close(out, conv.bias.detach().view(1, -1, 1, 1).expand(2, 4, 5, 5))
+    out.sum().backward()
+    assert conv.values.grad.shape == (0,)
+    torch.testing.assert_close(x.grad, torch.zeros_like(x))
+
+
+def test_non_contiguous_and_three_dimensional_input(backend):
+    dense, sparse = _masked_pair(4, 3, 3, 1, 1, 1, True)
+    x = torch.randn(2, 9, 6, 4, dtype=torch.float64).permute(0, 3, 2, 1)[:, :, :, ::2]   # (2, 4, 6, 5), strided
+    assert not x.is_contiguous()
+    torch.testing.assert_close(sparse(x), dense(x), **_tolerance(torch.float64))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(sparse(channels_last), dense(x), **_tolerance(torch.float64))
+    torch.testing.assert_close(sparse(x[0]), dense(x[0]), **_tolerance(torch.float64))
+    assert sparse(x[0]).shape == (3, 6, 5)
+
+
+def test_coo_and_csr_compute_alike(backend):
+    dense, coo = _masked_pair(3, 4, 3, 1, 1, 1, True, fmt="coo")
+    csr = convert(coo, "csr")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(coo(x), csr(x))
+    assert coo.indices.dtype == torch.int32 and csr.col_indices.dtype == torch.int32
+
+
+def test_repr_in_the_conv2d_manner():
+    assert repr(SparseConv2d(3, 8, 3, padding=1)) == (
+        "SparseConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), csr_mode=False, k=0.05)")
+    assert repr(SparseConv2d(2, 4, (1, 3), stride=2, padding=0, dilation=2, bias=False,
+                             csr_mode=True)) == (
+        "SparseConv2d(2, 4, kernel_size=(1, 3), stride=(2, 2), dilation=(2, 2), bias=False, csr_mode=True, k=0.05)")
+    assert "padding='same'" in repr(SparseConv2d(2, 4, 3, padding="same"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"groups": 2}, "groups=2"),
+    ({"padding_mode": "reflect"}, "padding_mode='reflect'"),
+    ({"padding": "full"}, "'full'"),
+    ({"padding": -1}, "padding must be a non-negative integer"),
+    ({"kernel_size": 0}, "kernel_size must be a positive integer"),
+    ({"stride": (1, 2, 3)}, "stride must be"),
+    ({"padding": "same", "stride": 2}, "needs stride 1"),
+    ({"k": 0}, "k must be"),
+])
+def test_unsupported_arguments_are_named(kwargs, message):
+    arguments = {"in_channels": 4, "out_channels": 4, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        SparseConv2d(**arguments)
+
+
+def test_bad_inputs_are_named():
+    conv = SparseConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\).*got shape \(2, 5, 6, 6\)"):
+        conv(torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        conv(torch.randn(1, 3, 2, 6))
+    with pytest.raises(TypeError, match="float64"):
+        conv(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+
+
+def test_converter_round_trip_is_exact():
+    dense = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.3)
+    for target in ("coo", "csr"):
+        sparse = convert(dense, target)
+        assert isinstance(sparse, SparseConv2d) and sparse.csr_mode == (target == "csr")
+        assert sparse.nnz == int((dense.weight != 0).sum())
+        back = convert(sparse, "dense")
+        assert type(back) is nn.Conv2d
+        assert (back.stride, back.padding, back.dilation) == (dense.stride, dense.padding, dense.dilation)
+        assert torch.equal(back.weight, dense.weight) and torch.equal(back.bias, dense.bias)
+    mask = torch.zeros_like(dense.weight)
+    mask[0] = 1
+    assert convert(dense, "coo", mask=mask).nnz == int((dense.weight[0] != 0).sum())
+
+
+def _mixed_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2)),
+        nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_convert_model_reaches_every_depth_and_mixes_with_linear():
+    model = convert_model(convert_model(_mixed_model(), nn.Conv2d, "csr"), nn.Linear, "coo")
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[2][0], SparseConv2d)
+    assert isinstance(model[4], SparseLayer)
+    back = convert_model(model, SparseConv2d, "dense")
+    assert type(back[2][0]) is nn.Conv2d
+
+
+def test_global_pruning_spans_convolutions_and_linears_and_the_optimizer_keeps_training():
+    model = convert_model(convert_model(_mixed_model(), nn.Conv2d, "csr"), nn.Linear, "csr")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(4, 3, 6, 6)
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    achieved = prune_to_sparsity(model, 0.8, scope="global", optimizer=optimizer)
+    assert achieved == pytest.approx(0.8, abs=1e-3)
+    assert {type(m) for m in model.modules() if hasattr(m, "nnz") and m.nnz < m.n_weights} >= {SparseConv2d}
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    for parameter, old in zip(model.parameters(), before):
+        assert not torch.equal(parameter, old), "a layer stopped training after pruning"
+    report = stored_bytes(model, optimizer)
+    sparse = [m for m in model.modules() if isinstance(m, (SparseConv2d, SparseLayer))]
+    assert report.by_category["values"] == sum(m.nnz for m in sparse) * 4
+    assert report.by_category["parameters"] == 0      # no dense weight left anywhere
+    assert report.optimizer_state_bytes == sum(m.nnz + m.bias.numel() for m in sparse) * 4   # momentum
+
+
+def test_original_helpers_reach_convolutions():
+    model = convert_model(_mixed_model(), nn.Conv2d, "coo")
+    set_global_k(model, 0.25)
+    assert model[0].k == 0.25 and model[2][0].k == 0.25
+    prune_sparse_model(model, torch.randn(1, 3, 6, 6))
+    assert model[2][0].nnz == model[2][0].n_weights - int(0.25 * model[2][0].n_weights)
+    assert achieved_sparsity(model) == pytest.approx(0.25, abs=0.01)
+
+
+def test_state_dict_loads_into_other_nnz_and_save_round_trips():
+    source = convert(nn.Conv2d(3, 4, 3, padding=1), "csr")
+    prune_to_sparsity(source, 0.7)
+    target = SparseConv2d(3, 4, 3, padding=1)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    assert target.nnz == source.nnz
+    torch.testing.assert_close(target(x), source(x))
+    model = convert_model(_mixed_model(), nn.Conv2d, "coo")
+    prune_to_sparsity(model, 0.5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def _pruned_conv_model():
+    model = convert_model(convert_model(_mixed_model(), nn.Conv2d, "csr"), nn.Linear, "coo")
+    prune_to_sparsity(model, 0.6)
+    return model
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+def test_compiled_fullgraph_matches_eager(name, monkeypatch):
+    if name == "native" and not kernels.is_available():
+        pytest.skip(f"the native kernels could not be built: {kernels.load_error_summary()}")
+    monkeypatch.setenv(functional.BACKEND_VARIABLE, name)
+    torch._dynamo.reset()
+    model = _pruned_conv_model()
+    x = torch.randn(3, 3, 6, 6, requires_grad=True)
+    expected = model(x)
+    expected.sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    out = torch.compile(model, fullgraph=True)(x)   # a graph break would raise
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip([x.grad] + [p.grad for p in model.parameters()], grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_exported_model_with_sparse_convolutions_matches_eager():
+    model = _pruned_conv_model().eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 6, 6),))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert sum("actuallysparse.conv2d" in target for target in targets) == 2
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_dense_weight_matches_the_converted_conv():
+    dense, sparse = _masked_pair(3, 4, 3, 1, 1, 1, True)
+    assert torch.equal(sparse.dense_weight(), dense.weight.detach())
+    assert sparse.weight.shape == (4, 27)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(F.conv2d(x, sparse.dense_weight(), sparse.bias, padding=1), sparse(x))
