@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from actuallysparse.functional import sparse_conv2d
+from actuallysparse.functional import conv_output_size, sparse_conv2d
 from actuallysparse.storage import SparseModule, check_k, check_positive
 
 PADDING_STRINGS = ("same", "valid")
@@ -131,6 +131,11 @@ class SparseConv2d(SparseModule):
     def geometry(self) -> tuple[int, ...]:
         """The ten integers the products take: kernel, stride, dilation, padding (top, bottom, left, right)."""
         return tuple(self.kernel_size) + tuple(self.stride) + tuple(self.dilation) + self._padding_sides()
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H_out, W_out)`` for an input of ``height x width``."""
+        kh, kw, sh, sw, dh, dw, top, bottom, left, right = self.geometry()
+        return conv_output_size(height, kh, sh, dh, top, bottom), conv_output_size(width, kw, sw, dw, left, right)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -152,49 +152,63 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) 
     """Floating-point operations of one forward pass of one sample, as the model computes it.
 
     Dense layers (plain, masked or shrunk) are counted by :class:`torch.utils.flop_counter.FlopCounterMode`
-    (2 per multiply-add of every matrix product and convolution). A
-    :class:`~actuallysparse.layers.SparseLayer` is counted as it computes: 2 per stored weight
-    (its kernel multiplies only the non-zeros). Element-wise work (masks, activations, batch
-    norm) is not counted, as FlopCounterMode does not count it.
+    (2 per multiply-add of every matrix product and convolution). A sparse layer
+    (:class:`~actuallysparse.layers.SparseLayer`, :class:`~actuallysparse.conv.SparseConv2d`) is
+    counted as it computes: 2 per stored weight and output position (its kernels multiply only
+    the non-zeros). Element-wise work (masks, activations, batch norm) is not counted, as
+    FlopCounterMode does not count it.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from actuallysparse.layers import SparseLayer
-
-    sparse_flops = sum(2 * module.nnz for module in model.modules() if isinstance(module, SparseLayer))
-    counted = _with_sparse_layers_silent(model) if sparse_flops or any(
-        isinstance(module, SparseLayer) for module in model.modules()) else model
+    counted, stand_ins = _with_sparse_layers_silent(model)
     device = next(iter(model.parameters())).device
     was_training = counted.training
     counted.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         counted(torch.zeros(1, *input_shape, device=device))
     counted.train(was_training)
-    return int(counter.get_total_flops()) + sparse_flops
+    return int(counter.get_total_flops()) + sum(stand_in.flops for stand_in in stand_ins)
 
 
 class _Silent(nn.Module):
-    """Stands in for a sparse layer while dense FLOPs are counted: right shape, no counted work."""
+    """Stands in for a sparse layer while dense FLOPs are counted: right output shape, no counted
+    work, and its own count of what the sparse kernel does (2 per non-zero and output position)."""
 
-    def __init__(self, out_features: int) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.out_features = out_features
+        self.nnz = layer.nnz
+        self.out_features = layer._matrix_shape[0]
+        self.output_size = getattr(layer, "output_size", None)   # a convolution's (H, W) -> (H_out, W_out)
+        self.flops = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.output_size is None:
+            shape = (*x.shape[:-1], self.out_features)
+            positions = math.prod(x.shape[1:-1])
+        else:
+            height, width = self.output_size(x.shape[-2], x.shape[-1])
+            shape = (*x.shape[:-3], self.out_features, height, width)
+            positions = height * width
+        self.flops += 2 * self.nnz * positions
+        return x.new_zeros(shape)
 
 
-def _with_sparse_layers_silent(model: nn.Module) -> nn.Module:
+def _with_sparse_layers_silent(model: nn.Module) -> tuple[nn.Module, list[_Silent]]:
+    """A copy of ``model`` with each sparse layer replaced by a :class:`_Silent`, and those stand-ins."""
     import copy
 
-    from actuallysparse.layers import SparseLayer
+    from actuallysparse.storage import SparseModule
 
+    if not any(isinstance(module, SparseModule) for module in model.modules()):
+        return model, []
     counted = copy.deepcopy(model)
+    stand_ins = []
     for name, module in list(counted.named_modules()):
-        if isinstance(module, SparseLayer):
+        if isinstance(module, SparseModule):
             parent_name, _, child = name.rpartition(".")
-            setattr(counted.get_submodule(parent_name) if parent_name else counted, child, _Silent(module.out_features))
-    return counted
+            stand_ins.append(_Silent(module))
+            setattr(counted.get_submodule(parent_name) if parent_name else counted, child, stand_ins[-1])
+    return counted, stand_ins
 
 
 def held_bytes(model: nn.Module) -> int:

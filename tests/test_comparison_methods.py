@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actuallysparse.conv import SparseConv2d
 from actuallysparse.layers import SparseLayer
+from actuallysparse.storage import SparseModule
 from comparison.config import RunConfig
 from comparison.methods import available_methods, make_method, target_layer_names
-from comparison.methods.base import magnitude_keep_mask
 from comparison.models import vgg11_bn
 from comparison.training import make_optimizer
 
@@ -46,8 +47,8 @@ def _effective_weights(method, model):
     weights = {}
     for name in method.targets:
         module = model.get_submodule(name)
-        if isinstance(module, SparseLayer):
-            weights[name] = module.weight.to_dense().detach().clone()
+        if isinstance(module, SparseModule):
+            weights[name] = module.dense_weight().clone()
         elif hasattr(module, "_nni_wrapper"):
             weights[name] = (module._nni_wrapper.weight * module._nni_wrapper.weight_mask).detach().clone()
         elif hasattr(module, "weight_orig"):
@@ -69,7 +70,7 @@ def test_registry_and_unknown_method():
 def test_target_layers_by_scope(baseline):
     assert target_layer_names(baseline, "classifier") == ["classifier.0", "classifier.3", "classifier.6"]
     all_layers = target_layer_names(baseline, "all")
-    assert len(all_layers) == 11 and all_layers[0] == "features.0"
+    assert len(all_layers) == 10 and all_layers[0] == "features.4"   # the first convolution stays dense
 
 
 def test_dense_never_prunes(baseline):
@@ -164,23 +165,20 @@ def test_actuallysparse_converts_linear_and_shrinks_optimizer_state(baseline):
         assert state["exp_avg"].numel() == module.nnz == round(0.1 * module.in_features * module.out_features)
 
 
-def test_actuallysparse_scope_all_keeps_convs_dense_and_says_so(baseline):
+def test_actuallysparse_scope_all_makes_every_target_convolution_sparse(baseline):
     method, model, optimizer = _prepared(baseline, "actuallysparse", "all")
+    _train(model, optimizer, steps=1)
     method.prune(model, 0.9, optimizer)
-    dense = method.dense_stored_layers(model)
-    assert dense == [name for name in method.targets if name.startswith("features.")] and len(dense) == 8
-    assert "no sparse Conv2d" in method.storage_note()
-    assert model.get_submodule(dense[0]).weight_mask.dtype == torch.bool
-
-
-def test_magnitude_keep_mask_keeps_the_largest_and_never_regrows():
-    weight = torch.tensor([[0.1, -5.0, 0.3], [2.0, -0.2, 0.05]])
-    keep = magnitude_keep_mask(weight, 0.5)
-    assert keep.tolist() == [[False, True, True], [True, False, False]]
-    # a previously pruned large weight stays pruned
-    previous = torch.tensor([[True, False, True], [True, True, True]])
-    keep = magnitude_keep_mask(weight, 0.5, previous)
-    assert not keep[0, 1] and keep.sum() == 3
+    assert method.dense_stored_layers(model) == []
+    convolutions = [name for name in method.targets if name.startswith("features.")]
+    assert len(convolutions) == 7 and "features.0" not in method.targets   # the first stays dense
+    assert type(model.get_submodule("features.0")) is nn.Conv2d
+    for name in convolutions:
+        module = model.get_submodule(name)
+        assert isinstance(module, SparseConv2d)
+        assert module.nnz == round(0.1 * module.n_weights)
+        assert optimizer.state[module.values]["exp_avg"].numel() == module.nnz
+    _train(model, optimizer, steps=1)   # still trains after the values were replaced
 
 
 @pytest.mark.parametrize("scope", ["classifier", "all"])
@@ -238,5 +236,5 @@ def test_nni_structured_speedup_computes_what_the_masked_model_computed():
             layer.weight[dropped] = 0
             layer.bias[dropped] = 0
     method.prune(model, 0.6, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert model[0].out_channels < 8 and model[6].out_features < 16
+    assert model[0].out_channels == 8 and model[2].out_channels < 8 and model[6].out_features < 16  # first conv kept
     torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-5)

@@ -156,3 +156,6 @@ def test_flops_of_a_small_network_equal_a_hand_count():
                            nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
     assert forward_flops(shrunk) == 2 * 2 * 3 * 9 * 32 * 32 + 2 * 2 * 4 + 2 * 4 * 2
     assert isinstance(sparse[4], type(sparse[6]))  # counting left the model as it was
+    sparse_conv = convert_model(sparse, nn.Conv2d, "csr")
+    prune_to_sparsity(sparse_conv[0], 0.5)
+    assert forward_flops(sparse_conv) == 2 * sparse_conv[0].nnz * 32 * 32 + 2 * (8 + 4)  # per output pixel
