@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import math
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
+from actuallysparse.timing import ratio_cell, time_block, time_interleaved
 
 VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
 PEERS = ("sparseprop", "openvino", "openvino_sparse")
@@ -110,22 +110,6 @@ def _train_bytes(layer: nn.Module, in_features: int) -> int:
     return report.total_bytes + report.optimizer_state_bytes
 
 
-def _time_interleaved(calls: dict[str, callable], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each call, measured round-robin so drift hits all alike."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    samples = {name: [] for name in calls}
-    names = list(calls)
-    for repeat in range(repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def _inference_call(layer: nn.Module, x: torch.Tensor):
     def call():
         with torch.no_grad():
@@ -147,18 +131,6 @@ def _on_torch_backend(call):
         with functional.use_backend("torch"):
             call()
     return wrapped
-
-
-def _time_block(call, repeats: int, warmup: int) -> float:
-    """Median milliseconds of ``call`` timed alone, back to back."""
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def _sparseprop_layer(pruned: nn.Linear):
@@ -237,13 +209,13 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
                     peers.update(_openvino_factories(pruned_linear, x, threads))
                 rounds = {name: [] for name in list(calls) + list(peers)}
                 for _ in range(config.rounds):
-                    times = _time_interleaved(calls, config.repeats, config.warmup)
+                    times = time_interleaved(calls, config.repeats, config.warmup)
                     for name, ms in times.items():
                         rounds[name].append((ms, times["dense"]))
                     for name, build in peers.items():
                         call = build()
                         time.sleep(0.2)  # let the other thread pool's workers go idle
-                        rounds[name].append((_time_block(call, config.repeats, config.warmup), times["dense"]))
+                        rounds[name].append((time_block(call, config.repeats, config.warmup), times["dense"]))
                         del call
                         time.sleep(0.2)
                 record = {"shape": f"{out_features}x{in_features}", "sparsity": sparsity, "mode": mode,
@@ -284,15 +256,6 @@ def header() -> str:
             f"native kernels: {isa}")
 
 
-def _ratio(record: dict, name: str) -> str:
-    if f"{name}_speedup" not in record or record[f"{name}_speedup"] in ("", None):
-        return "–"
-    value, lo, hi = (float(record[f"{name}_speedup{suffix}"]) for suffix in ("", "_lo", "_hi"))
-    if math.isclose(lo, hi, rel_tol=0.005):
-        return f"{value:.2f}"
-    return f"{value:.2f} ({lo:.2f}–{hi:.2f})"
-
-
 def format_table(records: list[dict]) -> str:
     """A markdown table of speedups (dense ms / variant ms; lowest–highest round) and stored MiB."""
     peers = [name for name in PEERS if any(f"{name}_speedup" in r for r in records)]
@@ -303,7 +266,7 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         lines.append(
             f"| {r['shape']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.2f} "
-            + "".join(f"| {_ratio(r, name)} " for name in ("masked", "coo", "csr", "csr_torch", *peers))
+            + "".join(f"| {ratio_cell(r, name)} " for name in ("masked", "coo", "csr", "csr_torch", *peers))
             + f"| {r['dense_gflops']:.0f} | {r['csr_gflops']:.0f} | {r['backend']} "
             f"| {r['dense_bytes'] / MIB:.2f} | {r['masked_bytes'] / MIB:.2f} "
             f"| {r['coo_bytes'] / MIB:.2f} | {r['csr_bytes'] / MIB:.2f} |"
@@ -379,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one 256x512 layer at 0.9, few repeats (replaces the list options)")
     parser.add_argument("--csv", default=None, help="also write the records to this CSV file")
+    parser.add_argument("--conv", action="store_true",
+                        help="benchmark sparse convolutions instead: VGG11's CIFAR conv layers at 0.9 and 0.95, "
+                             "B=64, and the whole pruned VGG11_bn (see actuallysparse.bench_conv)")
     args = parser.parse_args(argv)
+    if args.conv:
+        return _main_conv(args)
     try:
         shapes = _parse_list(args.shapes, _parse_shape, "shapes")
         sparsities = _parse_list(args.sparsities, float, "sparsities")
@@ -415,12 +383,42 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTargets (4096x4096):")
         print("\n".join(targets))
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            fields = list(dict.fromkeys(key for record in records for key in record))
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(records)
+        _write_csv(args.csv, records)
     return 0
+
+
+def _main_conv(args) -> int:
+    from actuallysparse import bench_conv
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    peers = not args.no_peers
+    if args.quick:
+        layers = bench_conv.run_conv_layers(sparsities=(0.9,), batches=(8,), repeats=2, warmup=1, rounds=1,
+                                            peers=peers, shapes=bench_conv.VGG11_CIFAR_CONVS[-1:])
+        model = []
+    else:
+        layers = bench_conv.run_conv_layers(rounds=args.rounds, peers=peers)
+        model = bench_conv.run_conv_model(rounds=args.rounds, peers=peers)
+    print(header())
+    print(f"speedup = dense ms / variant ms (>1: faster than dense), median of {args.rounds if not args.quick else 1} "
+          f"round(s) (lowest–highest round in brackets); model MiB = bytes held training with Adam")
+    print(bench_conv.format_conv_tables(layers, model))
+    targets = bench_conv.check_conv_targets(layers, model)
+    if targets:
+        print("\nTargets (B=64):")
+        print("\n".join(targets))
+    if args.csv:
+        _write_csv(args.csv, layers + model)
+    return 0
+
+
+def _write_csv(path: str, records: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        fields = list(dict.fromkeys(key for record in records for key in record))
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,30 @@ def test_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_quick_conv_benchmark_prints_the_layer_table(tmp_path, capsys):
+    out = tmp_path / "conv.csv"
+    assert bench.main(["--conv", "--quick", "--no-peers", "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU: " in printed and "| layer | sparsity | mode | batch |" in printed
+    rows = list(csv.DictReader(out.open()))
+    assert {row["mode"] for row in rows} == {"inference", "train"}
+    for row in rows:
+        assert float(row["csr_ms"]) > 0 and float(row["masked_ms"]) > 0 and float(row["csr_gflops"]) > 0
+
+
+def test_conv_targets_are_checked_from_records():
+    from actuallysparse import bench_conv
+
+    layers = [{"layer": "128->256 @8x8", "sparsity": 0.9, "mode": "train", "batch": 64, "csr_speedup": 2.5,
+               "csr_ms": 1.0, "sparseprop_ms": 1.2},
+              {"layer": "64->128 @16x16", "sparsity": 0.9, "mode": "train", "batch": 64, "csr_speedup": 1.0,
+               "csr_ms": 1.0}]
+    (line,) = bench_conv.check_conv_targets(layers, [])
+    assert "lowest 2.50x (128->256 @8x8) -> met" in line          # the 64-channel layer is not a target
+    assert "csr ÷ SparseProp lowest 1.20x (NOT met" in line
+    model = [{"sparsity": 0.9, "mode": "train", "csr_speedup": 1.5, "csr_ms": 2.0, "masked_ms": 5.0,
+              "csr_train_bytes": 20, "dense_train_bytes": 100}]
+    (line,) = bench_conv.check_conv_targets([], model)
+    assert "1.50x -> NOT met" in line and "vs masked 2.50x" in line and "0.200 of dense (met" in line

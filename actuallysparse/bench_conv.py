@@ -1,0 +1,300 @@
+"""Side-by-side benchmark of sparse convolutions: ``python -m actuallysparse.bench --conv``.
+
+Two tables, each measured in one process, ratios ``dense ms / variant ms`` (above 1 is faster),
+medians over ``--rounds`` with the lowest and highest round beside them:
+
+* **layers**: VGG11's CIFAR convolutions with at least 64 input channels (3x3, padding 1), at
+  each sparsity and batch: dense ``nn.Conv2d``, ``masked`` (a ``torch.nn.utils.prune`` mask, what
+  NNI and torch's pruning run), ``csr`` (:class:`~actuallysparse.conv.SparseConv2d`) and, when
+  installed, SparseProp's ``SparseConv2d``; inference, and a training step (forward and both
+  gradients, the input needing its gradient as inside a network).
+* **model**: the whole VGG11_bn with its CIFAR head (32x32 input) with every convolution but the
+  first and every linear layer pruned: dense, masked and sparse eager inference and SGD-momentum
+  training steps, OpenVINO on the pruned model (dense, and with its sparse-weight
+  decompression) when installed, and the bytes each holds while training with Adam
+  (parameters, gradients, masks, Adam's moments).
+
+Peers run their own thread pools, so each is timed in a block of its own after the torch
+variants, as in :mod:`actuallysparse.bench`.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+from tqdm import tqdm
+
+from actuallysparse.converter import convert, convert_model
+from actuallysparse.memory import MIB, stored_bytes
+from actuallysparse.pruning import prune_to_sparsity
+from actuallysparse.timing import ratio_cell, time_block, time_interleaved
+
+# VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
+VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
+DEFAULT_CONV_SPARSITIES = (0.9, 0.95)
+DEFAULT_CONV_BATCHES = (64,)
+CONV_MODES = ("inference", "train")
+
+
+def _summarise(rounds: dict[str, list[tuple[float, float]]], record: dict) -> dict:
+    """Add ``<name>_ms``, ``<name>_speedup`` (median) and ``_lo``/``_hi`` (extreme rounds) to ``record``."""
+    for name, samples in rounds.items():
+        ratios = [dense_ms / ms for ms, dense_ms in samples]
+        record[f"{name}_ms"] = statistics.median(ms for ms, _ in samples)
+        record[f"{name}_speedup"] = statistics.median(ratios)
+        record[f"{name}_speedup_lo"] = min(ratios)
+        record[f"{name}_speedup_hi"] = max(ratios)
+    return record
+
+
+def _sparseprop_conv(pruned: nn.Conv2d):
+    """SparseProp's convolution for a pruned ``nn.Conv2d``, or ``None`` when SparseProp is not installed."""
+    try:
+        from sparseprop.modules import SparseConv2d as PeerConv2d
+    except ImportError:
+        return None
+    return PeerConv2d.from_dense(copy.deepcopy(pruned), vectorizing_over_on=False)
+
+
+def _inference(module: nn.Module, x: torch.Tensor):
+    def call():
+        with torch.no_grad():
+            module(x)
+    return call
+
+
+def _train(module: nn.Module, x: torch.Tensor):
+    def call():
+        x.grad = None
+        for param in module.parameters():
+            param.grad = None
+        module(x).sum().backward()
+    return call
+
+
+def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BATCHES, repeats: int = 7,
+                    warmup: int = 2, rounds: int = 3, peers: bool = True, seed: int = 0,
+                    progress: bool = True, shapes=VGG11_CIFAR_CONVS) -> list[dict]:
+    """Time every VGG11 CIFAR convolution (dense, masked, csr, SparseProp) at each sparsity, batch and mode."""
+    records = []
+    jobs = [(shape, sparsity, batch, mode) for shape in shapes for sparsity in sparsities
+            for batch in batches for mode in CONV_MODES]
+    for (c_in, c_out, size), sparsity, batch, mode in tqdm(jobs, desc="conv layers", disable=not progress,
+                                                            file=sys.stderr):
+        torch.manual_seed(seed)
+        dense = nn.Conv2d(c_in, c_out, 3, padding=1)
+        sparse = convert(dense, "csr")
+        prune_to_sparsity(sparse, sparsity)
+        masked = copy.deepcopy(dense)
+        torch_prune.l1_unstructured(masked, "weight", amount=sparsity)
+        pruned = convert(sparse, "dense")
+        peer = _sparseprop_conv(pruned) if peers else None
+        x = torch.randn(batch, c_in, size, size, requires_grad=(mode == "train"))
+        make = _inference if mode == "inference" else _train
+        calls = {"dense": make(dense, x), "masked": make(masked, x), "csr": make(sparse, x)}
+        timings = {name: [] for name in list(calls) + (["sparseprop"] if peer is not None else [])}
+        for _ in range(rounds):
+            times = time_interleaved(calls, repeats, warmup)
+            for name, ms in times.items():
+                timings[name].append((ms, times["dense"]))
+            if peer is not None:
+                peer.train(mode == "train")
+                time.sleep(0.2)
+                timings["sparseprop"].append((time_block(make(peer, x), repeats, warmup), times["dense"]))
+                time.sleep(0.2)
+        records.append(_summarise(timings, {
+            "layer": f"{c_in}->{c_out} @{size}x{size}", "sparsity": sparsity, "mode": mode, "batch": batch,
+            "threads": torch.get_num_threads(),
+            "csr_gflops": 2.0 * batch * sparse.nnz * size * size * (1 if mode == "inference" else 3)
+            / statistics.median(ms for ms, _ in timings["csr"]) / 1e6}))
+    return records
+
+
+def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
+    """torchvision's VGG11_bn with the CIFAR head the harness trains: 1x1 average pool, 512 -> 4096 input."""
+    from torchvision.models import vgg11_bn
+
+    model = vgg11_bn(num_classes=num_classes)
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    model.classifier[0] = nn.Linear(512, 4096)
+    return model
+
+
+def _pruned_models(sparsity: float, seed: int) -> dict[str, nn.Module]:
+    """Dense, masked and sparse VGG11_bn with every convolution but the first and every linear pruned."""
+    torch.manual_seed(seed)
+    dense = vgg11_bn_cifar()
+    first = next(name for name, module in dense.named_modules() if isinstance(module, nn.Conv2d))
+    targets = [name for name, module in dense.named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear)) and name != first]
+    masked = copy.deepcopy(dense)
+    for name in targets:
+        torch_prune.l1_unstructured(masked.get_submodule(name), "weight", amount=sparsity)
+    sparse = copy.deepcopy(dense)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        layer = convert(sparse.get_submodule(name), "csr")
+        prune_to_sparsity(layer, sparsity)
+        setattr(sparse.get_submodule(parent), child, layer)
+    return {"dense": dense, "masked": masked, "csr": sparse}
+
+
+def _train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor):
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return call
+
+
+def _training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes held while training with Adam: tensors, gradients and Adam's state after one step.
+
+    The step moves the weights a little (timings do not depend on their values); gradients are
+    dropped again afterwards.
+    """
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    _train_step(model, optimizer, x[:2], y[:2])()
+    report = stored_bytes(model, optimizer)
+    model.zero_grad(set_to_none=True)
+    return report.total_bytes + report.optimizer_state_bytes
+
+
+def _openvino_builders(model: nn.Module, x: torch.Tensor) -> dict:
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    settings = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY"}
+
+    def builder(extra):
+        def build():
+            converted = openvino.convert_model(copy.deepcopy(model).eval(), example_input=x)
+            request = openvino.Core().compile_model(converted, "CPU", {**settings, **extra}).create_infer_request()
+            data = x.numpy()
+            return lambda: request.infer({0: data})
+        return build
+
+    return {"openvino": builder({}), "openvino_sparse": builder({"CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": 0.5})}
+
+
+def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, warmup: int = 2, rounds: int = 3,
+                   peers: bool = True, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Whole VGG11_bn (CIFAR head): inference and SGD training step of dense, masked and sparse; OpenVINO."""
+    models = _pruned_models(sparsity, seed)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    held = {name: _training_bytes(model, x, y) for name, model in models.items()}
+    records = []
+    for mode in tqdm(CONV_MODES, desc="VGG11_bn", disable=not progress, file=sys.stderr):
+        if mode == "inference":
+            for model in models.values():
+                model.eval()
+            calls = {name: _inference(model, x) for name, model in models.items()}
+            builders = _openvino_builders(_dense_copy(models["csr"]), x) if peers else {}
+        else:
+            calls = {}
+            for name, model in models.items():
+                model.train()
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+                calls[name] = _train_step(model, optimizer, x, y)
+            builders = {}
+        timings = {name: [] for name in list(calls) + list(builders)}
+        for _ in range(rounds):
+            times = time_interleaved(calls, repeats, warmup)
+            for name, ms in times.items():
+                timings[name].append((ms, times["dense"]))
+            for name, build in builders.items():
+                call = build()
+                time.sleep(0.2)
+                timings[name].append((time_block(call, repeats, warmup), times["dense"]))
+                del call
+                time.sleep(0.2)
+        record = {"layer": "VGG11_bn (CIFAR head)", "sparsity": sparsity, "mode": mode, "batch": batch,
+                  "threads": torch.get_num_threads()}
+        record.update({f"{name}_train_bytes": value for name, value in held.items()})
+        records.append(_summarise(timings, record))
+    return records
+
+
+def _dense_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every sparse layer turned back into its dense layer (zeros where pruned)."""
+    from actuallysparse.conv import SparseConv2d
+    from actuallysparse.layers import SparseLayer
+
+    return convert_model(convert_model(model, SparseConv2d, "dense"), SparseLayer, "dense")
+
+
+def format_conv_tables(layers: list[dict], model: list[dict]) -> str:
+    """Markdown tables of the layer and whole-model records."""
+    peer = any("sparseprop_speedup" in r for r in layers)
+    head = ("| layer | sparsity | mode | batch | dense ms | masked × | csr × "
+            + ("| SparseProp × | csr ÷ SparseProp " if peer else "") + "| csr GFLOP/s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in layers:
+        line = (f"| {r['layer']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.2f} "
+                f"| {ratio_cell(r, 'masked')} | {ratio_cell(r, 'csr')} ")
+        if peer:
+            versus = f"{r['sparseprop_ms'] / r['csr_ms']:.2f}" if "sparseprop_ms" in r else "–"
+            line += f"| {ratio_cell(r, 'sparseprop')} | {versus} "
+        lines.append(line + f"| {r['csr_gflops']:.0f} |")
+    if model:
+        ov = [name for name in ("openvino", "openvino_sparse") if any(f"{name}_speedup" in r for r in model)]
+        head = ("\n| model | sparsity | mode | batch | dense ms | masked × | csr × "
+                + "".join(f"| {name} × " for name in ov)
+                + "| dense MiB | masked MiB | csr MiB | csr ÷ dense bytes |")
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in model:
+            lines.append(
+                f"| {r['layer']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.1f} "
+                f"| {ratio_cell(r, 'masked')} | {ratio_cell(r, 'csr')} " + "".join(f"| {ratio_cell(r, name)} " for name in ov)
+                + f"| {r['dense_train_bytes'] / MIB:.1f} | {r['masked_train_bytes'] / MIB:.1f} "
+                f"| {r['csr_train_bytes'] / MIB:.1f} | {r['csr_train_bytes'] / r['dense_train_bytes']:.3f} |")
+    return "\n".join(lines)
+
+
+# Targets from the project's issue, B=64: (sparsity, mode, minimum speedup of each >=128-channel layer).
+CONV_TARGETS = ((0.9, "train", 2.0), (0.9, "inference", 2.0), (0.95, "train", 3.5), (0.95, "inference", 3.0))
+PEER_CONV_TARGET = 1.5
+MODEL_TARGETS = {"train": 1.75, "inference": 1.6}
+MODEL_BYTES_TARGET = 0.25
+
+
+def check_conv_targets(layers: list[dict], model: list[dict]) -> list[str]:
+    """One line per target the records cover, with the measured figures and a verdict."""
+    lines = []
+    for sparsity, mode, minimum in CONV_TARGETS:
+        chosen = [r for r in layers if r["mode"] == mode and abs(r["sparsity"] - sparsity) < 1e-9
+                  and int(r["batch"]) == 64 and int(r["layer"].split("->")[0]) >= 128]
+        if not chosen:
+            continue
+        worst = min(chosen, key=lambda r: r["csr_speedup"])
+        line = (f"convs >= 128 channels, s={sparsity:.2f} {mode:9s} target >= {minimum:.1f}x: lowest "
+                f"{worst['csr_speedup']:.2f}x ({worst['layer']}) -> {'met' if worst['csr_speedup'] >= minimum else 'NOT met'}")
+        versus = [r["sparseprop_ms"] / r["csr_ms"] for r in chosen if "sparseprop_ms" in r]
+        if versus:
+            line += (f"; csr ÷ SparseProp lowest {min(versus):.2f}x "
+                     f"({'met' if min(versus) >= PEER_CONV_TARGET else 'NOT met'} >= {PEER_CONV_TARGET}x)")
+        lines.append(line)
+    for r in model:
+        minimum = MODEL_TARGETS[r["mode"]]
+        line = (f"VGG11_bn s={r['sparsity']:.2f} {r['mode']:9s} target >= {minimum:.2f}x dense: "
+                f"{r['csr_speedup']:.2f}x -> {'met' if r['csr_speedup'] >= minimum else 'NOT met'}")
+        if r["mode"] == "train":
+            line += f"; vs masked {r['masked_ms'] / r['csr_ms']:.2f}x"
+            share = r["csr_train_bytes"] / r["dense_train_bytes"]
+            line += (f"; bytes held training with Adam {share:.3f} of dense "
+                     f"({'met' if share <= MODEL_BYTES_TARGET else 'NOT met'} <= {MODEL_BYTES_TARGET})")
+        if "openvino_ms" in r:
+            best = min(r["openvino_ms"], r.get("openvino_sparse_ms", r["openvino_ms"]))
+            line += f"; csr ÷ OpenVINO (faster mode) {best / r['csr_ms']:.2f}x"
+        lines.append(line)
+    return lines
