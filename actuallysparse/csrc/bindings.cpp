@@ -247,9 +247,15 @@ at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
   return off;
 }
 
-// Convolution tiles are whole vectors even for a batch of one (no spmv-like path).
-int64_t conv_tile_width(int64_t batch, int lanes) {
-  return std::min<int64_t>(4, std::max<int64_t>(1, (batch + lanes - 1) / lanes)) * lanes;
+// Convolution tiles are whole vectors even for a batch of one (no spmv-like path), at most
+// kConvTileVectors of them (see conv_impl.h for the measurement); `tile_vectors` > 0 overrides
+// that cap, for measuring other widths.
+constexpr int64_t kConvTileVectors = 2;
+
+int64_t conv_tile_width(int64_t batch, int lanes, int64_t tile_vectors) {
+  TORCH_CHECK(tile_vectors >= 0 && tile_vectors <= 4, "tile_vectors must be 0 (automatic) to 4, got ", tile_vectors);
+  const int64_t cap = tile_vectors > 0 ? tile_vectors : kConvTileVectors;
+  return std::min<int64_t>(cap, std::max<int64_t>(1, (batch + lanes - 1) / lanes)) * lanes;
 }
 
 // pack[t][(c*Hp + h)*Wp + w][j] = x[t*tw + j][c][h - pt][w - pl], zero in the padding and past the batch.
@@ -291,7 +297,7 @@ void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const at
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
-                  const std::string& isa) {
+                  const std::string& isa, int64_t tile_vectors) {
   check_isa(isa);
   check_pattern(crow, col, n_rows);
   check_conv_operands(x, values, col);
@@ -309,7 +315,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   const at::Tensor off = conv_offsets(col, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const int64_t tw = conv_tile_width(batch, table.lanes);
+    const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
     ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                             packed.data_ptr<scalar_t>(), packed.size(1), tw, batch, g.padded_w, g.out_h, g.out_w,
@@ -343,7 +349,8 @@ int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s,
 std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                    const at::Tensor& values, const at::Tensor& crow,
                                                    const at::Tensor& col, at::IntArrayRef geometry, bool need_input,
-                                                   bool need_values, const std::string& isa) {
+                                                   bool need_values, const std::string& isa,
+                                                   int64_t tile_vectors) {
   check_isa(isa);
   check_conv_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
@@ -361,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
   const int32_t* crow_data = crow.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d_backward", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const int64_t tw = conv_tile_width(batch, table.lanes);
+    const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed_grad = pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
     const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(x, tw, g) : at::Tensor();
     const int64_t n_tiles = packed_grad.size(0);
@@ -427,9 +434,9 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, bool need_input, "
         "bool need_values, str isa) -> (Tensor, Tensor)");
   m.def("conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, int[] geometry, "
-        "str isa) -> Tensor");
+        "str isa, int tile_vectors=0) -> Tensor");
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, int[] geometry, "
-        "bool need_input, bool need_values, str isa) -> (Tensor, Tensor)");
+        "bool need_input, bool need_values, str isa, int tile_vectors=0) -> (Tensor, Tensor)");
   m.def("isa_supported(str isa) -> bool", &actuallysparse::isa_supported);
 }
 
