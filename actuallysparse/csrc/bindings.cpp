@@ -247,6 +247,40 @@ at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
   return off;
 }
 
+// Where each block of `block_channels` input channels starts in each row of the pattern:
+// (n_rows, n_blocks + 1), the columns of a row being sorted by channel (c * kh * kw + tap).
+at::Tensor channel_block_ptr(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, const ConvGeometry& g,
+                             int64_t block_channels) {
+  const int64_t n_blocks = (g.channels + block_channels - 1) / block_channels;
+  at::Tensor ptr = at::empty({n_rows, n_blocks + 1}, crow.options());
+  const int32_t* rows = crow.data_ptr<int32_t>();
+  const int32_t* cols = col.data_ptr<int32_t>();
+  int32_t* out = ptr.data_ptr<int32_t>();
+  const int64_t span = block_channels * g.kh * g.kw;
+  for (int64_t o = 0; o < n_rows; ++o) {
+    int32_t k = rows[o];
+    int32_t* row = out + o * (n_blocks + 1);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      row[b] = k;
+      while (k < rows[o + 1] && cols[k] < (b + 1) * span) ++k;
+    }
+    row[n_blocks] = rows[o + 1];
+  }
+  return ptr;
+}
+
+// Input channels per block: the forward keeps the input rows one block of 16 output pixels reads
+// within 64 KiB, the backward a block's whole padded planes within 128 KiB (both in L2). Measured
+// in one process on VGG11's CIFAR layers at 0.9, B=64 (AMD EPYC, AVX2, 2 threads; sum over the six
+// layers): forward 38 ms at 64 KiB against 52 at 16 KiB, 42 at 256 KiB and 44 unblocked; input
+// gradient 48 ms at 128 KiB against 56 unblocked, value gradient 34 against 40.
+constexpr int64_t kForwardBlockBytes = 64 << 10;
+constexpr int64_t kBackwardBlockBytes = 128 << 10;
+
+int64_t channels_per_block(int64_t bytes_per_channel, int64_t budget, int64_t channels) {
+  return std::max<int64_t>(1, std::min<int64_t>(channels, budget / std::max<int64_t>(1, bytes_per_channel)));
+}
+
 // Convolution tiles are whole vectors even for a batch of one (no spmv-like path), at most
 // kConvTileVectors of them (see conv_impl.h for the measurement); `tile_vectors` > 0 overrides
 // that cap, for measuring other widths.
@@ -317,11 +351,16 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
+    const int64_t span_w = (std::min<int64_t>(g.out_w, 16) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    const int64_t block_channels = channels_per_block(g.kh * span_w * tw * int64_t(sizeof(scalar_t)), kForwardBlockBytes,
+                                                      g.channels);
+    const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
     ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                             packed.data_ptr<scalar_t>(), packed.size(1), tw, batch, g.padded_w, g.out_h, g.out_w,
-                            g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr};
+                            g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                            block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1};
     const int64_t n_tiles = packed.size(0);
-    constexpr int64_t kChunk = 32;  // output channels per work item
+    constexpr int64_t kChunk = kConvChannelChunk;
     const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
     // Items run tile, then output row, then channel chunk: one thread's consecutive items share
     // the input rows of one output row.
@@ -373,11 +412,15 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
     const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(x, tw, g) : at::Tensor();
     const int64_t n_tiles = packed_grad.size(0);
     const int64_t in_rows = g.channels * g.padded_h * g.padded_w;
+    const int64_t block_channels = channels_per_block(g.padded_h * g.padded_w * tw * int64_t(sizeof(scalar_t)),
+                                                      kBackwardBlockBytes, g.channels);
+    const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
     ConvBackwardArgs<scalar_t> args{crow_data, off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                                     packed_grad.data_ptr<scalar_t>(),
                                     need_values ? packed_input.data_ptr<scalar_t>() : nullptr, in_rows, tw, g.padded_w,
                                     g.out_h, g.out_w, g.sh, g.sw, n_rows,
-                                    need_values ? grad_values.data_ptr<scalar_t>() : nullptr};
+                                    need_values ? grad_values.data_ptr<scalar_t>() : nullptr,
+                                    block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1};
     const int64_t threads = at::get_num_threads();
     if (need_values) {
       const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));

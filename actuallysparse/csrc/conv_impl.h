@@ -11,23 +11,35 @@
 // of the value and NV fused multiply-adds per non-zero as the linear kernel, with the pixel's
 // base added to every column. The output gradient is packed the same way over (o, pixel).
 //
-// Loop order (measured on a 2-core AMD EPYC, AVX2, B=64, VGG11's CIFAR layers; see the
-// bench's --conv table): per batch tile, per output row, per output channel, PX pixels at a
-// time with PX * NV accumulators (8 FMA chains in flight), so the weights of a channel are
-// streamed once per output row and the input rows that output row reads (C * KH padded rows of
-// one tile) are reused by every output channel while they sit in L2. The input gradient
-// scatters along the same non-zeros into an accumulation tile of the padded input's layout; the
-// value gradient takes four non-zeros at a time so each output-gradient vector loaded serves
-// four products.
+// Loop order, measured in one process on VGG11's CIFAR layers (3x3, 64-512 channels, 16x16 to
+// 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers):
+// - batch tiles of two vectors (16 floats): against one vector the forward took 1.4x as long,
+//   against four 1.1x (the input rows a tile reads then outgrow L2);
+// - forward: per batch tile and output row, 16 output channels share a buffer of partial sums
+//   for 16 output pixels, and the input channels are walked in blocks whose rows fit 64 KiB,
+//   PX pixels x NV vectors of accumulators (8 FMA chains) per (channel, block): 38 ms against
+//   44 ms walking all channels at once;
+// - gradients: the input gradient scatters along the same non-zeros into an accumulation tile
+//   of the padded input's layout, the value gradient takes four non-zeros at a time so each
+//   output-gradient vector loaded serves four products; both walk input channels in blocks of
+//   128 KiB of padded planes (48 and 34 ms against 56 and 40 unblocked).
+// Not tried yet: computing the input gradient as a forward over the flipped, transposed pattern
+// (gathering, no read-modify-write), and keeping the packed input of the forward for the backward.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include "kernels.h"
 
 namespace actuallysparse {
 namespace impl {
 
-constexpr int kConvPixelBlock = 16;  // output pixels per transposed store
+constexpr int kConvPixelBlock = 16;   // output pixels per block of accumulators
 
+// Forward of output row y, channels [o_begin, o_end) (at most kConvChannelChunk), one batch
+// tile. For each block of 16 output pixels, partial sums for every channel of the chunk sit in
+// `buf`; the input channels are walked in blocks small enough for the input rows they read to
+// stay in L2 (64 KiB), and each (channel, block) pass loads PX pixels of partial sums into registers,
+// adds the block's non-zeros and stores them back.
 template <typename V, int NV, int PX>
 void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, int64_t o_begin, int64_t o_end) {
   using T = typename V::T;
@@ -38,41 +50,50 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, 
   const int64_t nb = (a.batch - b0) < TW ? (a.batch - b0) : TW;
   const int64_t pixels = a.out_h * a.out_w;
   const int64_t step = a.stride_w * TW;
-  alignas(64) T block[kConvPixelBlock][TW];
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const int32_t begin = a.crow[o], end = a.crow[o + 1];
-    const T bias = a.bias ? a.bias[o] : T(0);
-    for (int64_t x0 = 0; x0 < a.out_w; x0 += kConvPixelBlock) {
-      const int64_t x1 = (x0 + kConvPixelBlock) < a.out_w ? (x0 + kConvPixelBlock) : a.out_w;
-      int64_t x = x0;
-      for (; x + PX <= x1; x += PX) {
-        typename V::reg acc[PX][NV];
-        for (int p = 0; p < PX; ++p)
-          for (int v = 0; v < NV; ++v) acc[p][v] = V::zero();
-        const T* base = pack + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-        for (int32_t k = begin; k < end; ++k) {
-          const typename V::reg w = V::set1(a.values[k]);
-          const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
+  const int64_t row_base = y * a.stride_h * a.padded_w;
+  alignas(64) T buf[kConvChannelChunk][kConvPixelBlock][TW];
+  for (int64_t x0 = 0; x0 < a.out_w; x0 += kConvPixelBlock) {
+    const int64_t x1 = (x0 + kConvPixelBlock) < a.out_w ? (x0 + kConvPixelBlock) : a.out_w;
+    std::memset(buf, 0, sizeof(buf));
+    for (int64_t block = 0; block < a.n_blocks; ++block) {
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
+        const int32_t begin = ptr[0], end = ptr[1];
+        if (begin == end) continue;
+        T* sums = buf[o - o_begin][0];
+        int64_t x = x0;
+        for (; x + PX <= x1; x += PX) {
+          typename V::reg acc[PX][NV];
           for (int p = 0; p < PX; ++p)
-            for (int v = 0; v < NV; ++v) acc[p][v] = V::fmadd(w, V::load(src + p * step + v * W), acc[p][v]);
+            for (int v = 0; v < NV; ++v) acc[p][v] = V::load(sums + (x - x0 + p) * TW + v * W);
+          const T* base = pack + (row_base + x * a.stride_w) * TW;
+          for (int32_t k = begin; k < end; ++k) {
+            const typename V::reg w = V::set1(a.values[k]);
+            const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
+            for (int p = 0; p < PX; ++p)
+              for (int v = 0; v < NV; ++v) acc[p][v] = V::fmadd(w, V::load(src + p * step + v * W), acc[p][v]);
+          }
+          for (int p = 0; p < PX; ++p)
+            for (int v = 0; v < NV; ++v) V::store(sums + (x - x0 + p) * TW + v * W, acc[p][v]);
         }
-        for (int p = 0; p < PX; ++p)
-          for (int v = 0; v < NV; ++v) V::store(block[x - x0 + p] + v * W, acc[p][v]);
-      }
-      for (; x < x1; ++x) {
-        typename V::reg acc[NV];
-        for (int v = 0; v < NV; ++v) acc[v] = V::zero();
-        const T* base = pack + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-        for (int32_t k = begin; k < end; ++k) {
-          const typename V::reg w = V::set1(a.values[k]);
-          const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
-          for (int v = 0; v < NV; ++v) acc[v] = V::fmadd(w, V::load(src + v * W), acc[v]);
+        for (; x < x1; ++x) {
+          typename V::reg acc[NV];
+          for (int v = 0; v < NV; ++v) acc[v] = V::load(sums + (x - x0) * TW + v * W);
+          const T* base = pack + (row_base + x * a.stride_w) * TW;
+          for (int32_t k = begin; k < end; ++k) {
+            const typename V::reg w = V::set1(a.values[k]);
+            const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
+            for (int v = 0; v < NV; ++v) acc[v] = V::fmadd(w, V::load(src + v * W), acc[v]);
+          }
+          for (int v = 0; v < NV; ++v) V::store(sums + (x - x0) * TW + v * W, acc[v]);
         }
-        for (int v = 0; v < NV; ++v) V::store(block[x - x0] + v * W, acc[v]);
       }
+    }
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const T bias = a.bias ? a.bias[o] : T(0);
       for (int64_t b = 0; b < nb; ++b) {
         T* dst = a.out + ((b0 + b) * a.n_rows + o) * pixels + y * a.out_w;
-        for (int64_t xx = x0; xx < x1; ++xx) dst[xx] = block[xx - x0][b] + bias;
+        for (int64_t xx = x0; xx < x1; ++xx) dst[xx] = buf[o - o_begin][xx - x0][b] + bias;
       }
     }
   }
@@ -92,6 +113,7 @@ void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, int
 // Input gradient of channels [o_begin, o_end) on one batch tile: for each output pixel the
 // output gradient stays in registers while every non-zero of the channel adds value * g into
 // the rows of `acc` (the padded input's layout, one tile) that the pixel read in the forward.
+// Input channels are taken in blocks whose part of `acc` stays in L2.
 template <typename V, int NV, int PX>
 void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int64_t o_begin, int64_t o_end,
                         typename V::T* acc) {
@@ -101,35 +123,38 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
   const int64_t pixels = a.out_h * a.out_w;
   const T* grad = a.packed_grad + tile * a.n_rows * pixels * TW;
   const int64_t step = a.stride_w * TW;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const int32_t begin = a.crow[o], end = a.crow[o + 1];
-    if (begin == end) continue;
-    for (int64_t y = 0; y < a.out_h; ++y) {
-      const T* g_row = grad + (o * pixels + y * a.out_w) * TW;
-      int64_t x = 0;
-      for (; x + PX <= a.out_w; x += PX) {
-        typename V::reg g[PX][NV];
-        for (int p = 0; p < PX; ++p)
-          for (int v = 0; v < NV; ++v) g[p][v] = V::load(g_row + (x + p) * TW + v * W);
-        T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-        for (int32_t k = begin; k < end; ++k) {
-          const typename V::reg w = V::set1(a.values[k]);
-          T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
+  for (int64_t block = 0; block < a.n_blocks; ++block) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
+      const int32_t begin = ptr[0], end = ptr[1];
+      if (begin == end) continue;
+      for (int64_t y = 0; y < a.out_h; ++y) {
+        const T* g_row = grad + (o * pixels + y * a.out_w) * TW;
+        int64_t x = 0;
+        for (; x + PX <= a.out_w; x += PX) {
+          typename V::reg g[PX][NV];
           for (int p = 0; p < PX; ++p)
-            for (int v = 0; v < NV; ++v) {
-              T* d = dst + p * step + v * W;
-              V::store(d, V::fmadd(w, g[p][v], V::load(d)));
-            }
+            for (int v = 0; v < NV; ++v) g[p][v] = V::load(g_row + (x + p) * TW + v * W);
+          T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
+          for (int32_t k = begin; k < end; ++k) {
+            const typename V::reg w = V::set1(a.values[k]);
+            T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
+            for (int p = 0; p < PX; ++p)
+              for (int v = 0; v < NV; ++v) {
+                T* d = dst + p * step + v * W;
+                V::store(d, V::fmadd(w, g[p][v], V::load(d)));
+              }
+          }
         }
-      }
-      for (; x < a.out_w; ++x) {
-        typename V::reg g[NV];
-        for (int v = 0; v < NV; ++v) g[v] = V::load(g_row + x * TW + v * W);
-        T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-        for (int32_t k = begin; k < end; ++k) {
-          const typename V::reg w = V::set1(a.values[k]);
-          T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
-          for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
+        for (; x < a.out_w; ++x) {
+          typename V::reg g[NV];
+          for (int v = 0; v < NV; ++v) g[v] = V::load(g_row + x * TW + v * W);
+          T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
+          for (int32_t k = begin; k < end; ++k) {
+            const typename V::reg w = V::set1(a.values[k]);
+            T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
+            for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
+          }
         }
       }
     }
@@ -149,8 +174,10 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile,
   const int64_t pixels = a.out_h * a.out_w;
   const T* grad = a.packed_grad + tile * a.n_rows * pixels * TW;
   const T* input = a.packed_input + tile * a.in_rows * TW;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const int32_t begin = a.crow[o], end = a.crow[o + 1];
+  for (int64_t index = 0; index < a.n_blocks * (o_end - o_begin); ++index) {
+    const int64_t block = index / (o_end - o_begin), o = o_begin + index % (o_end - o_begin);
+    const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
+    const int32_t begin = ptr[0], end = ptr[1];
     const T* g_channel = grad + o * pixels * TW;
     for (int32_t k0 = begin; k0 < end; k0 += KB) {
       const int kb = (end - k0) < KB ? (end - k0) : KB;

@@ -51,6 +51,9 @@ struct BackwardArgs {
   T* grad_values;        // (nnz,) accumulated over tiles, or null when not wanted
 };
 
+// Output channels per forward work item of a convolution (its partial sums share one buffer).
+constexpr int kConvChannelChunk = 16;
+
 // A direct convolution (conv_impl.h): the padded input packed batch-tile-major, one offset
 // per non-zero into that layout, W in CSR over output channels.
 template <typename T>
@@ -68,6 +71,8 @@ struct ConvArgs {
   T* out;                // (batch, out_channels, out_h, out_w)
   int64_t n_rows;        // out_channels
   const T* bias;         // (out_channels,) or null
+  const int32_t* block_ptr;  // (out_channels, n_blocks + 1): where each channel block starts in each row
+  int64_t n_blocks;          // blocks of input channels (see conv_impl.h)
 };
 
 template <typename T>
@@ -84,6 +89,8 @@ struct ConvBackwardArgs {
   int64_t stride_h, stride_w;
   int64_t n_rows;
   T* grad_values;         // (nnz,)
+  const int32_t* block_ptr;  // as in ConvArgs, for the backward's channel blocks
+  int64_t n_blocks;
 };
 
 template <typename T>
