@@ -262,3 +262,21 @@ def test_dense_weight_matches_the_converted_conv():
     assert sparse.weight.shape == (4, 27)
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(F.conv2d(x, sparse.dense_weight(), sparse.bias, padding=1), sparse(x))
+
+
+def test_assign_new_weight_and_format_switches_keep_the_products():
+    conv = SparseConv2d(3, 4, 3, padding=1).double()
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64) * (torch.rand(4, 3, 3, 3) < 0.3)
+    conv.assign_new_weight(weight)
+    assert conv.nnz == int((weight != 0).sum())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = F.conv2d(x, weight, conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    values = conv.values
+    conv.switch_to_CSR()
+    assert conv.is_CSR() and conv.values is values
+    torch.testing.assert_close(conv(x), expected)
+    conv.switch_to_COO()
+    torch.testing.assert_close(conv(x), expected)
+    with pytest.raises(ValueError, match=r"weight has shape \(4, 27\), layer expects \(4, 3, 3, 3\)"):
+        conv.assign_new_weight(weight.reshape(4, 27))

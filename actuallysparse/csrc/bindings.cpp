@@ -269,6 +269,16 @@ at::Tensor channel_block_ptr(const at::Tensor& crow, const at::Tensor& col, int6
   return ptr;
 }
 
+// pixel_base[y * out_w + x] = y * sh * Wp + x * sw: where output pixel (y, x)'s window starts in
+// the padded layout.
+at::Tensor pixel_bases(const ConvGeometry& g, const at::TensorOptions& options) {
+  at::Tensor bases = at::empty({g.out_h * g.out_w}, options);
+  int32_t* out = bases.data_ptr<int32_t>();
+  for (int64_t y = 0; y < g.out_h; ++y)
+    for (int64_t x = 0; x < g.out_w; ++x) out[y * g.out_w + x] = static_cast<int32_t>(y * g.sh * g.padded_w + x * g.sw);
+  return bases;
+}
+
 // Input channels per block: the forward keeps the input rows one block of 16 output pixels reads
 // within 64 KiB, the backward a block's whole padded planes within 128 KiB (both in L2). Measured
 // in one process on VGG11's CIFAR layers at 0.9, B=64 (AMD EPYC, AVX2, 2 threads; sum over the six
@@ -351,24 +361,30 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
-    const int64_t span_w = (std::min<int64_t>(g.out_w, 16) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    const int64_t block_channels = channels_per_block(g.kh * span_w * tw * int64_t(sizeof(scalar_t)), kForwardBlockBytes,
-                                                      g.channels);
+    // the input rows one block of kConvPixelBlock output pixels reads, per channel
+    const int64_t out_rows = std::min<int64_t>(g.out_h, (kConvPixelBlock + g.out_w - 1) / g.out_w);
+    const int64_t in_rows_read = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    const int64_t in_cols_read = out_rows > 1 ? g.padded_w
+                                              : (std::min<int64_t>(g.out_w, kConvPixelBlock) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    const int64_t block_channels = channels_per_block(in_rows_read * in_cols_read * tw * int64_t(sizeof(scalar_t)),
+                                                      kForwardBlockBytes, g.channels);
     const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
+    const at::Tensor bases = pixel_bases(g, crow.options());
     ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                             packed.data_ptr<scalar_t>(), packed.size(1), tw, batch, g.padded_w, g.out_h, g.out_w,
                             g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                            block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1};
+                            block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>()};
     const int64_t n_tiles = packed.size(0);
     constexpr int64_t kChunk = kConvChannelChunk;
     const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
-    // Items run tile, then output row, then channel chunk: one thread's consecutive items share
-    // the input rows of one output row.
-    at::parallel_for(0, n_tiles * g.out_h * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t pixel_blocks = (g.out_h * g.out_w + kConvPixelBlock - 1) / kConvPixelBlock;
+    // Items run tile, then block of 16 output pixels, then channel chunk: one thread's consecutive
+    // items share the input rows of one pixel block.
+    at::parallel_for(0, n_tiles * pixel_blocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t chunk = item % n_chunks, rest = item / n_chunks;
-        const int64_t y = rest % g.out_h, t = rest / g.out_h;
-        table.conv_forward(args, t, y, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
+        const int64_t block = rest % pixel_blocks, t = rest / pixel_blocks;
+        table.conv_forward(args, t, block * kConvPixelBlock, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
       }
     });
   });
@@ -415,12 +431,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
     const int64_t block_channels = channels_per_block(g.padded_h * g.padded_w * tw * int64_t(sizeof(scalar_t)),
                                                       kBackwardBlockBytes, g.channels);
     const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
+    const at::Tensor bases = pixel_bases(g, crow.options());
     ConvBackwardArgs<scalar_t> args{crow_data, off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                                     packed_grad.data_ptr<scalar_t>(),
                                     need_values ? packed_input.data_ptr<scalar_t>() : nullptr, in_rows, tw, g.padded_w,
                                     g.out_h, g.out_w, g.sh, g.sw, n_rows,
                                     need_values ? grad_values.data_ptr<scalar_t>() : nullptr,
-                                    block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1};
+                                    block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>()};
     const int64_t threads = at::get_num_threads();
     if (need_values) {
       const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));

@@ -7,7 +7,8 @@
 //   pack[t][(c * Hp + h) * Wp + w][j] = x[t*TW + j][c][h - pad_top][w - pad_left]  (zero outside).
 // A non-zero (o, c, kh, kw) is stored once as the offset of its input "row" in that layout,
 //   off_k = (c * Hp + kh * dh) * Wp + kw * dw,
-// so output pixel (y, x) of channel o reads rows off_k + y*sh*Wp + x*sw: the same broadcast
+// so output pixel (y, x) of channel o reads rows off_k + pixel_base[p], pixel_base[p] = y*sh*Wp + x*sw
+// for the flattened pixel p = y * out_w + x: the same broadcast
 // of the value and NV fused multiply-adds per non-zero as the linear kernel, with the pixel's
 // base added to every column. The output gradient is packed the same way over (o, pixel).
 //
@@ -15,8 +16,8 @@
 // 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers):
 // - batch tiles of two vectors (16 floats): against one vector the forward took 1.4x as long,
 //   against four 1.1x (the input rows a tile reads then outgrow L2);
-// - forward: per batch tile and output row, 16 output channels share a buffer of partial sums
-//   for 16 output pixels, and the input channels are walked in blocks whose rows fit 64 KiB,
+// - forward: per batch tile, 16 output channels share a buffer of partial sums for 16 output
+//   pixels (flattened over rows), and the input channels are walked in blocks whose rows fit 64 KiB,
 //   PX pixels x NV vectors of accumulators (8 FMA chains) per (channel, block): 38 ms against
 //   44 ms walking all channels at once;
 // - gradients: the input gradient scatters along the same non-zeros into an accumulation tile
@@ -33,15 +34,15 @@
 namespace actuallysparse {
 namespace impl {
 
-constexpr int kConvPixelBlock = 16;   // output pixels per block of accumulators
-
-// Forward of output row y, channels [o_begin, o_end) (at most kConvChannelChunk), one batch
-// tile. For each block of 16 output pixels, partial sums for every channel of the chunk sit in
-// `buf`; the input channels are walked in blocks small enough for the input rows they read to
-// stay in L2 (64 KiB), and each (channel, block) pass loads PX pixels of partial sums into registers,
-// adds the block's non-zeros and stores them back.
+// Forward of output pixels [p_begin, p_begin + 16) (flattened over rows, so small images fill
+// whole groups too), channels [o_begin, o_end) (at most kConvChannelChunk), one batch tile.
+// Partial sums for every channel of the chunk sit in `buf`; the input channels are walked in
+// blocks small enough for the input rows they read to stay in L2 (64 KiB), and each (channel,
+// block) pass loads PX pixels of partial sums into registers, adds the block's non-zeros and
+// stores them back.
 template <typename V, int NV, int PX>
-void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, int64_t o_begin, int64_t o_end) {
+void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin,
+                     int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
@@ -49,70 +50,68 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, 
   const int64_t b0 = tile * TW;
   const int64_t nb = (a.batch - b0) < TW ? (a.batch - b0) : TW;
   const int64_t pixels = a.out_h * a.out_w;
-  const int64_t step = a.stride_w * TW;
-  const int64_t row_base = y * a.stride_h * a.padded_w;
+  const int64_t p_end = (p_begin + kConvPixelBlock) < pixels ? (p_begin + kConvPixelBlock) : pixels;
   alignas(64) T buf[kConvChannelChunk][kConvPixelBlock][TW];
-  for (int64_t x0 = 0; x0 < a.out_w; x0 += kConvPixelBlock) {
-    const int64_t x1 = (x0 + kConvPixelBlock) < a.out_w ? (x0 + kConvPixelBlock) : a.out_w;
-    std::memset(buf, 0, sizeof(buf));
-    for (int64_t block = 0; block < a.n_blocks; ++block) {
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
-        const int32_t begin = ptr[0], end = ptr[1];
-        if (begin == end) continue;
-        T* sums = buf[o - o_begin][0];
-        int64_t x = x0;
-        for (; x + PX <= x1; x += PX) {
-          typename V::reg acc[PX][NV];
-          for (int p = 0; p < PX; ++p)
-            for (int v = 0; v < NV; ++v) acc[p][v] = V::load(sums + (x - x0 + p) * TW + v * W);
-          const T* base = pack + (row_base + x * a.stride_w) * TW;
-          for (int32_t k = begin; k < end; ++k) {
-            const typename V::reg w = V::set1(a.values[k]);
-            const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
-            for (int p = 0; p < PX; ++p)
-              for (int v = 0; v < NV; ++v) acc[p][v] = V::fmadd(w, V::load(src + p * step + v * W), acc[p][v]);
-          }
-          for (int p = 0; p < PX; ++p)
-            for (int v = 0; v < NV; ++v) V::store(sums + (x - x0 + p) * TW + v * W, acc[p][v]);
+  std::memset(buf, 0, sizeof(buf));
+  for (int64_t block = 0; block < a.n_blocks; ++block) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
+      const int32_t begin = ptr[0], end = ptr[1];
+      if (begin == end) continue;
+      T* sums = buf[o - o_begin][0];
+      int64_t p = p_begin;
+      for (; p + PX <= p_end; p += PX) {
+        typename V::reg acc[PX][NV];
+        const T* src[PX];
+        for (int q = 0; q < PX; ++q) {
+          src[q] = pack + static_cast<int64_t>(a.pixel_base[p + q]) * TW;
+          for (int v = 0; v < NV; ++v) acc[q][v] = V::load(sums + (p - p_begin + q) * TW + v * W);
         }
-        for (; x < x1; ++x) {
-          typename V::reg acc[NV];
-          for (int v = 0; v < NV; ++v) acc[v] = V::load(sums + (x - x0) * TW + v * W);
-          const T* base = pack + (row_base + x * a.stride_w) * TW;
-          for (int32_t k = begin; k < end; ++k) {
-            const typename V::reg w = V::set1(a.values[k]);
-            const T* src = base + static_cast<int64_t>(a.off[k]) * TW;
-            for (int v = 0; v < NV; ++v) acc[v] = V::fmadd(w, V::load(src + v * W), acc[v]);
-          }
-          for (int v = 0; v < NV; ++v) V::store(sums + (x - x0) * TW + v * W, acc[v]);
+        for (int32_t k = begin; k < end; ++k) {
+          const typename V::reg w = V::set1(a.values[k]);
+          const int64_t off = static_cast<int64_t>(a.off[k]) * TW;
+          for (int q = 0; q < PX; ++q)
+            for (int v = 0; v < NV; ++v) acc[q][v] = V::fmadd(w, V::load(src[q] + off + v * W), acc[q][v]);
         }
+        for (int q = 0; q < PX; ++q)
+          for (int v = 0; v < NV; ++v) V::store(sums + (p - p_begin + q) * TW + v * W, acc[q][v]);
+      }
+      for (; p < p_end; ++p) {
+        typename V::reg acc[NV];
+        for (int v = 0; v < NV; ++v) acc[v] = V::load(sums + (p - p_begin) * TW + v * W);
+        const T* src = pack + static_cast<int64_t>(a.pixel_base[p]) * TW;
+        for (int32_t k = begin; k < end; ++k) {
+          const typename V::reg w = V::set1(a.values[k]);
+          const T* row = src + static_cast<int64_t>(a.off[k]) * TW;
+          for (int v = 0; v < NV; ++v) acc[v] = V::fmadd(w, V::load(row + v * W), acc[v]);
+        }
+        for (int v = 0; v < NV; ++v) V::store(sums + (p - p_begin) * TW + v * W, acc[v]);
       }
     }
-    for (int64_t o = o_begin; o < o_end; ++o) {
-      const T bias = a.bias ? a.bias[o] : T(0);
-      for (int64_t b = 0; b < nb; ++b) {
-        T* dst = a.out + ((b0 + b) * a.n_rows + o) * pixels + y * a.out_w;
-        for (int64_t xx = x0; xx < x1; ++xx) dst[xx] = buf[o - o_begin][xx - x0][b] + bias;
-      }
+  }
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const T bias = a.bias ? a.bias[o] : T(0);
+    for (int64_t b = 0; b < nb; ++b) {
+      T* dst = a.out + ((b0 + b) * a.n_rows + o) * pixels;
+      for (int64_t p = p_begin; p < p_end; ++p) dst[p] = buf[o - o_begin][p - p_begin][b] + bias;
     }
   }
 }
 
 template <typename V>
-void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t y, int64_t o_begin, int64_t o_end) {
+void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
   switch (a.tw / V::lanes) {
-    case 1: return conv_forward_nv<V, 1, 8>(a, tile, y, o_begin, o_end);
-    case 2: return conv_forward_nv<V, 2, 4>(a, tile, y, o_begin, o_end);
-    case 3: return conv_forward_nv<V, 3, 2>(a, tile, y, o_begin, o_end);
-    case 4: return conv_forward_nv<V, 4, 2>(a, tile, y, o_begin, o_end);
+    case 1: return conv_forward_nv<V, 1, 8>(a, tile, p_begin, o_begin, o_end);
+    case 2: return conv_forward_nv<V, 2, 4>(a, tile, p_begin, o_begin, o_end);
+    case 3: return conv_forward_nv<V, 3, 2>(a, tile, p_begin, o_begin, o_end);
+    case 4: return conv_forward_nv<V, 4, 2>(a, tile, p_begin, o_begin, o_end);
     default: return;
   }
 }
 
-// Input gradient of channels [o_begin, o_end) on one batch tile: for each output pixel the
-// output gradient stays in registers while every non-zero of the channel adds value * g into
-// the rows of `acc` (the padded input's layout, one tile) that the pixel read in the forward.
+// Input gradient of channels [o_begin, o_end) on one batch tile: for PX output pixels at a time
+// the output gradient stays in registers while every non-zero of the channel adds value * g into
+// the rows of `acc` (the padded input's layout, one tile) that those pixels read in the forward.
 // Input channels are taken in blocks whose part of `acc` stays in L2.
 template <typename V, int NV, int PX>
 void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int64_t o_begin, int64_t o_end,
@@ -122,39 +121,38 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
   constexpr int TW = NV * W;
   const int64_t pixels = a.out_h * a.out_w;
   const T* grad = a.packed_grad + tile * a.n_rows * pixels * TW;
-  const int64_t step = a.stride_w * TW;
   for (int64_t block = 0; block < a.n_blocks; ++block) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
       const int32_t begin = ptr[0], end = ptr[1];
       if (begin == end) continue;
-      for (int64_t y = 0; y < a.out_h; ++y) {
-        const T* g_row = grad + (o * pixels + y * a.out_w) * TW;
-        int64_t x = 0;
-        for (; x + PX <= a.out_w; x += PX) {
-          typename V::reg g[PX][NV];
-          for (int p = 0; p < PX; ++p)
-            for (int v = 0; v < NV; ++v) g[p][v] = V::load(g_row + (x + p) * TW + v * W);
-          T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-          for (int32_t k = begin; k < end; ++k) {
-            const typename V::reg w = V::set1(a.values[k]);
-            T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
-            for (int p = 0; p < PX; ++p)
-              for (int v = 0; v < NV; ++v) {
-                T* d = dst + p * step + v * W;
-                V::store(d, V::fmadd(w, g[p][v], V::load(d)));
-              }
-          }
+      const T* g_channel = grad + o * pixels * TW;
+      int64_t p = 0;
+      for (; p + PX <= pixels; p += PX) {
+        typename V::reg g[PX][NV];
+        T* dst[PX];
+        for (int q = 0; q < PX; ++q) {
+          dst[q] = acc + static_cast<int64_t>(a.pixel_base[p + q]) * TW;
+          for (int v = 0; v < NV; ++v) g[q][v] = V::load(g_channel + (p + q) * TW + v * W);
         }
-        for (; x < a.out_w; ++x) {
-          typename V::reg g[NV];
-          for (int v = 0; v < NV; ++v) g[v] = V::load(g_row + x * TW + v * W);
-          T* base = acc + (y * a.stride_h * a.padded_w + x * a.stride_w) * TW;
-          for (int32_t k = begin; k < end; ++k) {
-            const typename V::reg w = V::set1(a.values[k]);
-            T* dst = base + static_cast<int64_t>(a.off[k]) * TW;
-            for (int v = 0; v < NV; ++v) V::store(dst + v * W, V::fmadd(w, g[v], V::load(dst + v * W)));
-          }
+        for (int32_t k = begin; k < end; ++k) {
+          const typename V::reg w = V::set1(a.values[k]);
+          const int64_t off = static_cast<int64_t>(a.off[k]) * TW;
+          for (int q = 0; q < PX; ++q)
+            for (int v = 0; v < NV; ++v) {
+              T* d = dst[q] + off + v * W;
+              V::store(d, V::fmadd(w, g[q][v], V::load(d)));
+            }
+        }
+      }
+      for (; p < pixels; ++p) {
+        typename V::reg g[NV];
+        for (int v = 0; v < NV; ++v) g[v] = V::load(g_channel + p * TW + v * W);
+        T* base = acc + static_cast<int64_t>(a.pixel_base[p]) * TW;
+        for (int32_t k = begin; k < end; ++k) {
+          const typename V::reg w = V::set1(a.values[k]);
+          T* d = base + static_cast<int64_t>(a.off[k]) * TW;
+          for (int v = 0; v < NV; ++v) V::store(d + v * W, V::fmadd(w, g[v], V::load(d + v * W)));
         }
       }
     }
@@ -185,15 +183,11 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile,
       for (int j = 0; j < KB; ++j) src[j] = input + static_cast<int64_t>(a.off[k0 + (j < kb ? j : 0)]) * TW;
       typename V::reg acc[KB][2];
       for (int j = 0; j < KB; ++j) acc[j][0] = acc[j][1] = V::zero();
-      for (int64_t y = 0; y < a.out_h; ++y) {
-        const T* g_row = g_channel + y * a.out_w * TW;
-        const int64_t row_base = y * a.stride_h * a.padded_w * TW;
-        for (int64_t x = 0; x < a.out_w; ++x) {
-          const int64_t at = row_base + x * a.stride_w * TW;
-          for (int v = 0; v < NV; ++v) {
-            const typename V::reg g = V::load(g_row + x * TW + v * W);
-            for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(src[j] + at + v * W), acc[j][v & 1]);
-          }
+      for (int64_t p = 0; p < pixels; ++p) {
+        const int64_t at = static_cast<int64_t>(a.pixel_base[p]) * TW;
+        for (int v = 0; v < NV; ++v) {
+          const typename V::reg g = V::load(g_channel + p * TW + v * W);
+          for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(src[j] + at + v * W), acc[j][v & 1]);
         }
       }
       for (int j = 0; j < kb; ++j) {

@@ -51,8 +51,10 @@ struct BackwardArgs {
   T* grad_values;        // (nnz,) accumulated over tiles, or null when not wanted
 };
 
-// Output channels per forward work item of a convolution (its partial sums share one buffer).
+// A forward work item of a convolution: this many output channels by this many output pixels
+// (flattened over rows), whose partial sums share one buffer.
 constexpr int kConvChannelChunk = 16;
+constexpr int kConvPixelBlock = 16;
 
 // A direct convolution (conv_impl.h): the padded input packed batch-tile-major, one offset
 // per non-zero into that layout, W in CSR over output channels.
@@ -73,6 +75,7 @@ struct ConvArgs {
   const T* bias;         // (out_channels,) or null
   const int32_t* block_ptr;  // (out_channels, n_blocks + 1): where each channel block starts in each row
   int64_t n_blocks;          // blocks of input channels (see conv_impl.h)
+  const int32_t* pixel_base; // (out_h * out_w,) input row of each output pixel's window: y*sh*Wp + x*sw
 };
 
 template <typename T>
@@ -91,6 +94,7 @@ struct ConvBackwardArgs {
   T* grad_values;         // (nnz,)
   const int32_t* block_ptr;  // as in ConvArgs, for the backward's channel blocks
   int64_t n_blocks;
+  const int32_t* pixel_base; // as in ConvArgs
 };
 
 template <typename T>
@@ -103,8 +107,8 @@ struct KernelTable {
   //   acc_tile[col_k] += values[k] * packed_rows[tile][row_k]                  (if acc_tile)
   void (*backward)(const BackwardArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile,
                    bool accumulate);
-  // Convolution: output row y of channels [o_begin, o_end) on batch tile `tile`.
-  void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t y, int64_t o_begin, int64_t o_end);
+  // Convolution: output pixels [p_begin, p_begin + 16) of channels [o_begin, o_end) on batch tile `tile`.
+  void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end);
   // Scatter the input gradient of channels [o_begin, o_end) into acc (one padded tile).
   void (*conv_grad_input)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end, T* acc);
   // grad_values of channels [o_begin, o_end) from one tile, added when `accumulate`.
