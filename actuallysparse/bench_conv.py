@@ -118,8 +118,11 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
 
 def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
     """torchvision's VGG11_bn with the CIFAR head the harness trains: 1x1 average pool, 512 -> 4096 input."""
-    from torchvision.models import vgg11_bn
-
+    try:
+        from torchvision.models import vgg11_bn
+    except ImportError as error:
+        raise RuntimeError("the whole-model rows of the conv benchmark build VGG11_bn with torchvision, which is "
+                           "not installed; install the harness extra: pip install -e '.[harness]'") from error
     model = vgg11_bn(num_classes=num_classes)
     model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     model.classifier[0] = nn.Linear(512, 4096)
