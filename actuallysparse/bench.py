@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import ratio_cell, time_block, time_interleaved
+from actuallysparse.timing import (inference_call, ratio_cell, summarise_rounds, time_block, time_interleaved,
+                                   train_call)
 
 VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
 PEERS = ("sparseprop", "openvino", "openvino_sparse")
@@ -108,22 +108,6 @@ def _train_bytes(layer: nn.Module, in_features: int) -> int:
     for param in layer.parameters():
         param.grad = None
     return report.total_bytes + report.optimizer_state_bytes
-
-
-def _inference_call(layer: nn.Module, x: torch.Tensor):
-    def call():
-        with torch.no_grad():
-            layer(x)
-    return call
-
-
-def _train_call(layer: nn.Module, x: torch.Tensor):
-    def call():
-        x.grad = None
-        for param in layer.parameters():
-            param.grad = None
-        layer(x).sum().backward()
-    return call
 
 
 def _on_torch_backend(call):
@@ -196,7 +180,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
             for batch in batches:
                 bar.set_postfix_str(f"{out_features}x{in_features} s={sparsity} {mode} B={batch}")
                 x = torch.randn(batch, in_features, requires_grad=(mode == "train"))
-                make_call = _inference_call if mode == "inference" else _train_call
+                make_call = inference_call if mode == "inference" else train_call
                 for layer in variants.values():
                     layer.train(mode != "inference")
                 calls = {name: make_call(layer, x) for name, layer in variants.items()}
@@ -218,14 +202,9 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
                         rounds[name].append((time_block(call, config.repeats, config.warmup), times["dense"]))
                         del call
                         time.sleep(0.2)
-                record = {"shape": f"{out_features}x{in_features}", "sparsity": sparsity, "mode": mode,
-                          "batch": batch, "threads": threads, "backend": backend}
-                for name, samples in rounds.items():
-                    ratios = [dense_ms / ms for ms, dense_ms in samples]
-                    record[f"{name}_ms"] = statistics.median(ms for ms, _ in samples)
-                    record[f"{name}_speedup"] = statistics.median(ratios)
-                    record[f"{name}_speedup_lo"] = min(ratios)
-                    record[f"{name}_speedup_hi"] = max(ratios)
+                record = summarise_rounds(rounds, {"shape": f"{out_features}x{in_features}", "sparsity": sparsity,
+                                                   "mode": mode, "batch": batch, "threads": threads,
+                                                   "backend": backend})
                 flops = 2.0 * batch * PRODUCTS[mode]
                 record["dense_gflops"] = flops * out_features * in_features / record["dense_ms"] / 1e6
                 record["csr_gflops"] = flops * variants["csr"].nnz / record["csr_ms"] / 1e6

@@ -33,24 +33,14 @@ from tqdm import tqdm
 from actuallysparse.converter import convert, convert_model
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import ratio_cell, time_block, time_interleaved
+from actuallysparse.timing import (inference_call, ratio_cell, summarise_rounds, time_block, time_interleaved,
+                                   train_call)
 
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
 DEFAULT_CONV_SPARSITIES = (0.9, 0.95)
 DEFAULT_CONV_BATCHES = (64,)
 CONV_MODES = ("inference", "train")
-
-
-def _summarise(rounds: dict[str, list[tuple[float, float]]], record: dict) -> dict:
-    """Add ``<name>_ms``, ``<name>_speedup`` (median) and ``_lo``/``_hi`` (extreme rounds) to ``record``."""
-    for name, samples in rounds.items():
-        ratios = [dense_ms / ms for ms, dense_ms in samples]
-        record[f"{name}_ms"] = statistics.median(ms for ms, _ in samples)
-        record[f"{name}_speedup"] = statistics.median(ratios)
-        record[f"{name}_speedup_lo"] = min(ratios)
-        record[f"{name}_speedup_hi"] = max(ratios)
-    return record
 
 
 def _sparseprop_conv(pruned: nn.Conv2d):
@@ -60,22 +50,6 @@ def _sparseprop_conv(pruned: nn.Conv2d):
     except ImportError:
         return None
     return PeerConv2d.from_dense(copy.deepcopy(pruned), vectorizing_over_on=False)
-
-
-def _inference(module: nn.Module, x: torch.Tensor):
-    def call():
-        with torch.no_grad():
-            module(x)
-    return call
-
-
-def _train(module: nn.Module, x: torch.Tensor):
-    def call():
-        x.grad = None
-        for param in module.parameters():
-            param.grad = None
-        module(x).sum().backward()
-    return call
 
 
 def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BATCHES, repeats: int = 7,
@@ -96,7 +70,7 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
         pruned = convert(sparse, "dense")
         peer = _sparseprop_conv(pruned) if peers else None
         x = torch.randn(batch, c_in, size, size, requires_grad=(mode == "train"))
-        make = _inference if mode == "inference" else _train
+        make = inference_call if mode == "inference" else train_call
         calls = {"dense": make(dense, x), "masked": make(masked, x), "csr": make(sparse, x)}
         timings = {name: [] for name in list(calls) + (["sparseprop"] if peer is not None else [])}
         for _ in range(rounds):
@@ -108,7 +82,7 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
                 time.sleep(0.2)
                 timings["sparseprop"].append((time_block(make(peer, x), repeats, warmup), times["dense"]))
                 time.sleep(0.2)
-        records.append(_summarise(timings, {
+        records.append(summarise_rounds(timings, {
             "layer": f"{c_in}->{c_out} @{size}x{size}", "sparsity": sparsity, "mode": mode, "batch": batch,
             "threads": torch.get_num_threads(),
             "csr_gflops": 2.0 * batch * sparse.nnz * size * size * (1 if mode == "inference" else 3)
@@ -201,7 +175,7 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, war
         if mode == "inference":
             for model in models.values():
                 model.eval()
-            calls = {name: _inference(model, x) for name, model in models.items()}
+            calls = {name: inference_call(model, x) for name, model in models.items()}
             builders = _openvino_builders(_dense_copy(models["csr"]), x) if peers else {}
         else:
             calls = {}
@@ -224,7 +198,7 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, war
         record = {"layer": "VGG11_bn (CIFAR head)", "sparsity": sparsity, "mode": mode, "batch": batch,
                   "threads": torch.get_num_threads()}
         record.update({f"{name}_train_bytes": value for name, value in held.items()})
-        records.append(_summarise(timings, record))
+        records.append(summarise_rounds(timings, record))
     return records
 
 

@@ -1,9 +1,31 @@
-"""Timing helpers of the benchmarks: medians of calls measured side by side, and ratio cells."""
+"""Timing helpers of the benchmarks: the calls they time, medians of calls measured side by side,
+and ratio cells."""
 from __future__ import annotations
 
 import math
 import statistics
 import time
+
+import torch
+from torch import nn
+
+
+def inference_call(module: nn.Module, x: torch.Tensor):
+    """A call running ``module(x)`` without gradients."""
+    def call():
+        with torch.no_grad():
+            module(x)
+    return call
+
+
+def train_call(module: nn.Module, x: torch.Tensor):
+    """A call running forward and backward of ``module(x).sum()`` (gradients reset first)."""
+    def call():
+        x.grad = None
+        for param in module.parameters():
+            param.grad = None
+        module(x).sum().backward()
+    return call
 
 
 def time_interleaved(calls: dict[str, callable], repeats: int, warmup: int) -> dict[str, float]:
@@ -42,3 +64,14 @@ def ratio_cell(record: dict, name: str) -> str:
     if math.isclose(lo, hi, rel_tol=0.005):
         return f"{value:.2f}"
     return f"{value:.2f} ({lo:.2f}–{hi:.2f})"
+
+
+def summarise_rounds(rounds: dict[str, list[tuple[float, float]]], record: dict) -> dict:
+    """Add ``<name>_ms``, ``<name>_speedup`` (median) and ``_lo``/``_hi`` (extreme rounds) to ``record``."""
+    for name, samples in rounds.items():
+        ratios = [dense_ms / ms for ms, dense_ms in samples]
+        record[f"{name}_ms"] = statistics.median(ms for ms, _ in samples)
+        record[f"{name}_speedup"] = statistics.median(ratios)
+        record[f"{name}_speedup_lo"] = min(ratios)
+        record[f"{name}_speedup_hi"] = max(ratios)
+    return record

@@ -209,14 +209,17 @@ def _pruned_model():
     return torch.nn.Sequential(first, torch.nn.ReLU(), second)
 
 
+@pytest.mark.parametrize("family", ["linear", "conv"])
 @pytest.mark.parametrize("name", ["native", "torch"])
-def test_compiled_fullgraph_matches_eager(name, monkeypatch):
+def test_compiled_fullgraph_matches_eager(name, family, monkeypatch):
+    from test_conv import _pruned_conv_model
+
     if name == "native" and not kernels.is_available():
         pytest.skip(f"the native kernels could not be built: {kernels.load_error_summary()}")
     monkeypatch.setenv(functional.BACKEND_VARIABLE, name)
     torch._dynamo.reset()
-    model = _pruned_model()
-    x = torch.randn(5, 30, requires_grad=True)
+    model, shape = (_pruned_model(), (5, 30)) if family == "linear" else (_pruned_conv_model(), (3, 3, 6, 6))
+    x = torch.randn(*shape, requires_grad=True)
     expected = model(x)
     expected.sum().backward()
     grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]

@@ -57,6 +57,25 @@ void check_pattern(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows
   TORCH_CHECK(crow.device().is_cpu() && col.device().is_cpu(), "the native kernels run on the CPU");
 }
 
+// The input and values a product takes: on the CPU, float32 or float64 alike, one value per non-zero.
+void check_operands(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col) {
+  TORCH_CHECK(x.device().is_cpu(), "the native kernels run on the CPU, input is on ", x.device());
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), "values must be 1-D with one entry per "
+              "non-zero (", col.numel(), "), got ", values.sizes());
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
+              " differs from the weight's ", values.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the native kernels take float32 or float64, got ", x.scalar_type());
+}
+
+// The bias as a contiguous tensor, or an undefined one for none.
+at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t n_rows, at::ScalarType dtype) {
+  if (!bias.has_value()) return at::Tensor();
+  const at::Tensor b = bias->contiguous();
+  TORCH_CHECK(b.numel() == n_rows && b.scalar_type() == dtype, "bias must be (", n_rows, ",) of ", dtype);
+  return b;
+}
+
 // Tile width: enough vectors for the batch, at most four (see kernels.h); a single row is
 // its own tile of width 1.
 int64_t tile_width(int64_t batch, int lanes) {
@@ -98,20 +117,9 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
   check_isa(isa);
   check_pattern(crow, col, n_rows);
   TORCH_CHECK(x.dim() == 2, "input must be 2-D (batch, features), got ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "the native kernels run on the CPU, input is on ", x.device());
-  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), "values must be 1-D with one entry per "
-              "non-zero (", col.numel(), "), got ", values.sizes());
-  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
-              " differs from the weight's ", values.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native kernels take float32 or float64, got ", x.scalar_type());
+  check_operands(x, values, col);
   const at::Tensor vals = values.contiguous();
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == n_rows && b.scalar_type() == x.scalar_type(), "bias must be (", n_rows, ",) of ",
-                x.scalar_type());
-  }
+  const at::Tensor b = checked_bias(bias, n_rows, x.scalar_type());
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, n_rows}, x.options());
   if (batch == 0 || n_rows == 0) return out;
@@ -329,30 +337,15 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   return out;
 }
 
-void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col) {
-  TORCH_CHECK(x.device().is_cpu(), "the native kernels run on the CPU, input is on ", x.device());
-  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), "values must be 1-D with one entry per "
-              "non-zero (", col.numel(), "), got ", values.sizes());
-  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
-              " differs from the weight's ", values.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native kernels take float32 or float64, got ", x.scalar_type());
-}
-
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
                   const std::string& isa, int64_t tile_vectors) {
   check_isa(isa);
   check_pattern(crow, col, n_rows);
-  check_conv_operands(x, values, col);
+  check_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
   const at::Tensor vals = values.contiguous();
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.numel() == n_rows && b.scalar_type() == x.scalar_type(), "bias must be (", n_rows, ",) of ",
-                x.scalar_type());
-  }
+  const at::Tensor b = checked_bias(bias, n_rows, x.scalar_type());
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, n_rows, g.out_h, g.out_w}, x.options());
   if (out.numel() == 0) return out;
@@ -407,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
                                                    bool need_values, const std::string& isa,
                                                    int64_t tile_vectors) {
   check_isa(isa);
-  check_conv_operands(x, values, col);
+  check_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(2) == g.out_h &&
               grad_out.size(3) == g.out_w, "grad_out must be (", x.size(0), ", out_channels, ", g.out_h, ", ", g.out_w,
