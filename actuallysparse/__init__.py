@@ -10,7 +10,8 @@ Modules:
     optim       keeping optimizers in step with pruned parameters
     functional  the sparse products and the one place that picks their backend
     kernels     the compiled CPU kernels, built on first use
-    bench       ``python -m actuallysparse.bench``: dense vs masked vs sparse, side by side
+    bench       ``python -m actuallysparse.bench [--conv]``: dense vs masked vs sparse, side by side
+                (``bench_conv`` holds the convolution tables, ``timing`` what both time with)
 """
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
