@@ -260,3 +260,13 @@ def test_assign_new_weight_and_format_switches_keep_the_products():
     torch.testing.assert_close(conv(x), expected)
     with pytest.raises(ValueError, match=r"weight has shape \(4, 27\), layer expects \(4, 3, 3, 3\)"):
         conv.assign_new_weight(weight.reshape(4, 27))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_image_with_rows_wider_than_the_vectors(backend, dtype):
+    # One image takes its own path (vectors over a row's pixels); rows of 37 and 40 pixels cover
+    # whole vectors and a partial one on every instruction set.
+    for width, stride in ((37, 1), (40, (2, 1))):
+        dense, sparse = _masked_pair(3, 4, 3, stride, 1, 1, True, dtype=dtype)
+        x = torch.randn(1, 3, 9, width, dtype=dtype)
+        torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))

@@ -311,12 +311,14 @@ int64_t conv_tile_width(int64_t batch, int lanes, int64_t tile_vectors) {
 }
 
 // pack[t][(c*Hp + h)*Wp + w][j] = x[t*tw + j][c][h - pt][w - pl], zero in the padding and past the batch.
+// A tile width of 1 gets 64 elements of zeros past the end, which the single-image forward's
+// last vectors may read.
 template <typename T>
 at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   const int64_t batch = x.size(0);
   const int64_t n_tiles = (batch + tw - 1) / tw;
   const int64_t plane = g.padded_h * g.padded_w;
-  at::Tensor out = at::zeros({n_tiles, g.channels * plane, tw}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::zeros({n_tiles * g.channels * plane * tw + (tw == 1 ? 64 : 0)}, x.options());
   const T* src = x.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
@@ -352,7 +354,9 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   const at::Tensor off = conv_offsets(col, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
+    // one image with stride 1 along the width: vectors over the pixels of a row (tile width 1)
+    const bool single = batch == 1 && g.sw == 1 && tile_vectors == 0;
+    const int64_t tw = single ? 1 : conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
     // the input rows one block of kConvPixelBlock output pixels reads, per channel
     const int64_t out_rows = std::min<int64_t>(g.out_h, (kConvPixelBlock + g.out_w - 1) / g.out_w);
@@ -364,12 +368,23 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
     const at::Tensor bases = pixel_bases(g, crow.options());
     ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
-                            packed.data_ptr<scalar_t>(), packed.size(1), tw, batch, g.padded_w, g.out_h, g.out_w,
+                            packed.data_ptr<scalar_t>(), g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w,
+                            g.out_h, g.out_w,
                             g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                             block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>()};
-    const int64_t n_tiles = packed.size(0);
     constexpr int64_t kChunk = kConvChannelChunk;
     const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
+    if (single) {
+      const int64_t runs = conv_single_runs(g.out_h, g.out_w, g.padded_w, g.sh, table.lanes);
+      at::parallel_for(0, runs * n_chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t run = item / n_chunks, chunk = item % n_chunks;
+          table.conv_forward(args, 0, run, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
+        }
+      });
+      return;
+    }
+    const int64_t n_tiles = (batch + tw - 1) / tw;
     const int64_t pixel_blocks = (g.out_h * g.out_w + kConvPixelBlock - 1) / kConvPixelBlock;
     // Items run tile, then block of 16 output pixels, then channel chunk: one thread's consecutive
     // items share the input rows of one pixel block.

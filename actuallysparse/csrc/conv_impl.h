@@ -24,6 +24,9 @@
 //   of the padded input's layout, the value gradient takes four non-zeros at a time so each
 //   output-gradient vector loaded serves four products; both walk input channels in blocks of
 //   128 KiB of padded planes (48 and 34 ms against 56 and 40 unblocked).
+// - one image (stride 1 along the width) takes conv_forward_single, vectors over output pixels:
+//   at B=1, 0.9, against batch tiles of one vector (7 of 8 lanes idle), 0.72 vs 2.26 ms at 64->128
+//   @32, 0.28 vs 0.64 @8, 1.64 vs 2.04 @4 and 1.45 vs 2.00 @2 (dense: 1.48, 0.42, 1.12, 1.93).
 // Tried and dropped: the input gradient (stride 1) as a forward over the output gradient with the
 // pattern transposed over channels and flipped over taps, built per call by a counting sort and
 // read through a permutation: it gathers into registers instead of scattering, yet took 1.56x the
@@ -101,8 +104,65 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_b
   }
 }
 
+// Forward of a single image with stride 1 along the width (tile width 1: plain padded planes):
+// vectors run over output pixels instead of the batch, so no lane is wasted on a batch of one.
+// A run is 2 vectors of pixels (see conv_single_runs in kernels.h). With stride 1 down the
+// height, runs tile the output rows laid out at the padded width, so a 4x4 output fills 24 lanes
+// instead of 64; the lanes that fall on padding are computed and not stored. Otherwise each
+// output row has its own runs. The packed input has a vector of slack at its end for the last
+// run's reads.
+template <typename V>
+void conv_forward_single(const ConvArgs<typename V::T>& a, int64_t run, int64_t o_begin, int64_t o_end) {
+  using T = typename V::T;
+  constexpr int W = V::lanes;
+  const int64_t pixels = a.out_h * a.out_w;
+  int64_t start;       // input offset of the run's first lane
+  int64_t target[2 * W];  // output pixel of each lane, or -1
+  if (a.stride_h == 1) {
+    start = run * 2 * W;
+    for (int i = 0; i < 2 * W; ++i) {
+      const int64_t y = (start + i) / a.padded_w, x = (start + i) % a.padded_w;
+      target[i] = (y < a.out_h && x < a.out_w) ? y * a.out_w + x : -1;
+    }
+  } else {
+    const int64_t per_row = (a.out_w + 2 * W - 1) / (2 * W);
+    const int64_t y = run / per_row, x0 = (run % per_row) * 2 * W;
+    start = y * a.stride_h * a.padded_w + x0;
+    for (int i = 0; i < 2 * W; ++i) target[i] = x0 + i < a.out_w ? y * a.out_w + x0 + i : -1;
+  }
+  const T* src = a.packed + start;
+  alignas(64) T lanes[2 * W];
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int32_t begin = a.crow[o], end = a.crow[o + 1];
+    // four pairs of accumulators over consecutive non-zeros: eight FMA chains in flight
+    typename V::reg acc[4][2];
+    for (int s = 0; s < 4; ++s) acc[s][0] = acc[s][1] = V::zero();
+    int32_t k = begin;
+    for (; k + 4 <= end; k += 4)
+      for (int s = 0; s < 4; ++s) {
+        const typename V::reg w = V::set1(a.values[k + s]);
+        const T* at = src + a.off[k + s];
+        acc[s][0] = V::fmadd(w, V::loadu(at), acc[s][0]);
+        acc[s][1] = V::fmadd(w, V::loadu(at + W), acc[s][1]);
+      }
+    for (; k < end; ++k) {
+      const typename V::reg w = V::set1(a.values[k]);
+      const T* at = src + a.off[k];
+      acc[0][0] = V::fmadd(w, V::loadu(at), acc[0][0]);
+      acc[0][1] = V::fmadd(w, V::loadu(at + W), acc[0][1]);
+    }
+    const typename V::reg bias = V::set1(a.bias ? a.bias[o] : T(0));
+    V::storeu(lanes, V::add(V::add(acc[0][0], acc[1][0]), V::add(V::add(acc[2][0], acc[3][0]), bias)));
+    V::storeu(lanes + W, V::add(V::add(acc[0][1], acc[1][1]), V::add(V::add(acc[2][1], acc[3][1]), bias)));
+    T* dst = a.out + o * pixels;
+    for (int i = 0; i < 2 * W; ++i)
+      if (target[i] >= 0) dst[target[i]] = lanes[i];
+  }
+}
+
 template <typename V>
 void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
+  if (a.tw == 1) return conv_forward_single<V>(a, p_begin, o_begin, o_end);  // p_begin: the run
   switch (a.tw / V::lanes) {
     case 1: return conv_forward_nv<V, 1, 8>(a, tile, p_begin, o_begin, o_end);
     case 2: return conv_forward_nv<V, 2, 4>(a, tile, p_begin, o_begin, o_end);

@@ -56,6 +56,14 @@ struct BackwardArgs {
 constexpr int kConvChannelChunk = 16;
 constexpr int kConvPixelBlock = 16;
 
+// Runs of 2 * lanes output pixels a single-image forward computes (conv_forward_single): over the
+// output rows laid at the padded width when the height's stride is 1, else row by row.
+inline int64_t conv_single_runs(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes) {
+  const int64_t run = 2 * lanes;
+  if (stride_h == 1) return ((out_h - 1) * padded_w + out_w + run - 1) / run;
+  return out_h * ((out_w + run - 1) / run);
+}
+
 // A direct convolution (conv_impl.h): the padded input packed batch-tile-major, one offset
 // per non-zero into that layout, W in CSR over output channels.
 template <typename T>
@@ -107,7 +115,8 @@ struct KernelTable {
   //   acc_tile[col_k] += values[k] * packed_rows[tile][row_k]                  (if acc_tile)
   void (*backward)(const BackwardArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile,
                    bool accumulate);
-  // Convolution: output pixels [p_begin, p_begin + 16) of channels [o_begin, o_end) on batch tile `tile`.
+  // Convolution: output pixels [p_begin, p_begin + 16) of channels [o_begin, o_end) on batch tile `tile`;
+  // with a tile width of 1 (one image, stride 1 along the width), run p_begin (see conv_single_runs).
   void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end);
   // Scatter the input gradient of channels [o_begin, o_end) into acc (one padded tile).
   void (*conv_grad_input)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end, T* acc);
