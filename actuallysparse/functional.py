@@ -1,4 +1,4 @@
-"""The sparse linear products, and the one place that picks the backend computing them.
+"""The sparse linear and convolution products, and the one place that picks the backend computing them.
 
 The weight is a CSR pattern (``crow``, ``col``) plus a 1-D ``values`` tensor in row-major
 order. A layer needs three products, each a plain function of tensors:
@@ -11,6 +11,13 @@ order. A layer needs three products, each a plain function of tensors:
   sampled dense-dense product with exactly ``nnz`` entries;
 * ``backward(grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)``:
   the two gradients a backward needs, together (the native backend packs the output gradient once).
+
+A convolution's weight is the matrix ``(out_channels, in_channels * kh * kw)`` in the same CSR
+form, and its geometry ten integers (:data:`CONV_GEOMETRY_FIELDS`). Its products are
+``conv_forward(x, values, bias, crow, col, out_channels, geometry)`` and
+``conv_backward(grad_out, x, values, crow, col, geometry, need_input, need_values)``; the native
+backend convolves directly on the non-zeros, the torch backend scatters them into a dense weight
+for ``F.conv2d``.
 
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
 :mod:`actuallysparse.kernels` (float32/float64, int32 indices; ``dx`` is scattered along ``W``'s
