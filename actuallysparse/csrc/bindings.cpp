@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -242,15 +243,23 @@ ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
 }
 
 // Each non-zero's input row in the padded layout (see conv_impl.h): its column is c*kh*kw + i*kw + j.
+// Runs on every forward and backward, so it looks offsets up in a table of the C * kh * kw
+// possible columns (built without a division) instead of dividing per non-zero: at 512x512x3x3,
+// 0.9 sparse, the per-non-zero divisions cost about 1 ms a call.
 at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
+  const int64_t columns = g.channels * g.kh * g.kw;
+  std::vector<int32_t> table(columns);
+  for (int64_t c = 0, at = 0; c < g.channels; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j, ++at)
+        table[at] = static_cast<int32_t>((c * g.padded_h + i * g.dh) * g.padded_w + j * g.dw);
   at::Tensor off = at::empty({col.numel()}, col.options());
   const int32_t* src = col.data_ptr<int32_t>();
   int32_t* dst = off.data_ptr<int32_t>();
-  const int64_t taps = g.kh * g.kw;
   for (int64_t k = 0; k < col.numel(); ++k) {
-    const int64_t c = src[k] / taps, r = src[k] % taps;
-    TORCH_CHECK(c < g.channels, "a non-zero's column ", src[k], " names input channel ", c, " of ", g.channels);
-    dst[k] = static_cast<int32_t>((c * g.padded_h + (r / g.kw) * g.dh) * g.padded_w + (r % g.kw) * g.dw);
+    TORCH_CHECK(src[k] >= 0 && src[k] < columns, "a non-zero's column ", src[k], " lies outside the ", columns,
+                " columns of ", g.channels, " input channels x ", g.kh, "x", g.kw, " taps");
+    dst[k] = table[src[k]];
   }
   return off;
 }
@@ -365,13 +374,15 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
                                               : (std::min<int64_t>(g.out_w, kConvPixelBlock) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
     const int64_t block_channels = channels_per_block(in_rows_read * in_cols_read * tw * int64_t(sizeof(scalar_t)),
                                                       kForwardBlockBytes, g.channels);
-    const at::Tensor block_ptr = channel_block_ptr(crow, col, n_rows, g, block_channels);
-    const at::Tensor bases = pixel_bases(g, crow.options());
+    // the single-image path walks whole rows of the pattern and needs neither blocks nor pixel bases
+    const at::Tensor block_ptr = single ? at::Tensor() : channel_block_ptr(crow, col, n_rows, g, block_channels);
+    const at::Tensor bases = single ? at::Tensor() : pixel_bases(g, crow.options());
     ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
                             packed.data_ptr<scalar_t>(), g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w,
                             g.out_h, g.out_w,
                             g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                            block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>()};
+                            single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
+                            single ? nullptr : bases.data_ptr<int32_t>()};
     constexpr int64_t kChunk = kConvChannelChunk;
     const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
     if (single) {
