@@ -46,6 +46,11 @@ namespace impl {
 // blocks small enough for the input rows they read to stay in L2 (64 KiB), and each (channel,
 // block) pass loads PX pixels of partial sums into registers, adds the block's non-zeros and
 // stores them back.
+// Output pixels a group keeps in registers for NV vectors of batch columns: eight FMA chains in
+// flight (two pixels at least), as in the linear kernel.
+template <int NV>
+constexpr int kGroupPixels = NV >= 3 ? 2 : 8 / NV;
+
 template <typename V, int NV, int PX>
 void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin,
                      int64_t o_end) {
@@ -164,10 +169,10 @@ template <typename V>
 void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
   if (a.tw == 1) return conv_forward_single<V>(a, p_begin, o_begin, o_end);  // p_begin: the run
   switch (a.tw / V::lanes) {
-    case 1: return conv_forward_nv<V, 1, 8>(a, tile, p_begin, o_begin, o_end);
-    case 2: return conv_forward_nv<V, 2, 4>(a, tile, p_begin, o_begin, o_end);
-    case 3: return conv_forward_nv<V, 3, 2>(a, tile, p_begin, o_begin, o_end);
-    case 4: return conv_forward_nv<V, 4, 2>(a, tile, p_begin, o_begin, o_end);
+    case 1: return conv_forward_nv<V, 1, kGroupPixels<1>>(a, tile, p_begin, o_begin, o_end);
+    case 2: return conv_forward_nv<V, 2, kGroupPixels<2>>(a, tile, p_begin, o_begin, o_end);
+    case 3: return conv_forward_nv<V, 3, kGroupPixels<3>>(a, tile, p_begin, o_begin, o_end);
+    case 4: return conv_forward_nv<V, 4, kGroupPixels<4>>(a, tile, p_begin, o_begin, o_end);
     default: return;
   }
 }
@@ -265,10 +270,10 @@ template <typename V>
 void conv_grad_input(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int64_t o_begin, int64_t o_end,
                      typename V::T* acc) {
   switch (a.tw / V::lanes) {
-    case 1: return conv_grad_input_nv<V, 1, 8>(a, tile, o_begin, o_end, acc);
-    case 2: return conv_grad_input_nv<V, 2, 4>(a, tile, o_begin, o_end, acc);
-    case 3: return conv_grad_input_nv<V, 3, 2>(a, tile, o_begin, o_end, acc);
-    case 4: return conv_grad_input_nv<V, 4, 2>(a, tile, o_begin, o_end, acc);
+    case 1: return conv_grad_input_nv<V, 1, kGroupPixels<1>>(a, tile, o_begin, o_end, acc);
+    case 2: return conv_grad_input_nv<V, 2, kGroupPixels<2>>(a, tile, o_begin, o_end, acc);
+    case 3: return conv_grad_input_nv<V, 3, kGroupPixels<3>>(a, tile, o_begin, o_end, acc);
+    case 4: return conv_grad_input_nv<V, 4, kGroupPixels<4>>(a, tile, o_begin, o_end, acc);
     default: return;
   }
 }
