@@ -70,8 +70,8 @@ class SparseConv2d(SparseModule):
 
     @classmethod
     def from_entries(cls, in_channels: int, out_channels: int, kernel_size, rows: Tensor, cols: Tensor,
-                     values: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
-                     csr_mode: bool = False, k: float = 0.05) -> "SparseConv2d":
+                     values: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1, groups=1,
+                     padding_mode="zeros", csr_mode: bool = False, k: float = 0.05) -> "SparseConv2d":
         """Build a convolution from the non-zeros of its weight matrix, without a dense intermediate.
 
         Args:
@@ -82,7 +82,7 @@ class SparseConv2d(SparseModule):
         """
         conv = cls.__new__(cls)
         nn.Module.__init__(conv)
-        conv._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, "zeros")
+        conv._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         conv._init_storage(rows, cols, values, bias, csr_mode, k)
         return conv
 

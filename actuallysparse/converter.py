@@ -68,30 +68,29 @@ def _entries(layer: nn.Module, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
     return rows, cols, values
 
 
-def _linear(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> nn.Module:
+def _linear(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None,
+            k: float) -> nn.Module:
     if target == "dense":
         dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=values.device,
                           dtype=values.dtype)
         _fill_dense(dense, rows, cols, values, bias)
         return dense
-    k = layer.k if isinstance(layer, SparseModule) else 0.05
     return SparseLayer.from_entries(layer.in_features, layer.out_features, rows, cols, values, bias=bias,
                                     csr_mode=(target == "csr"), k=k)
 
 
-def _conv(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> nn.Module:
+def _conv(layer, target: str, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None,
+          k: float) -> nn.Module:
     geometry = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
     if target == "dense":
         dense = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=bias is not None,
                           device=values.device, dtype=values.dtype, **geometry)
         _fill_dense(dense, rows, cols, values, bias)
         return dense
-    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
-        raise ValueError(f"SparseConv2d supports groups=1 and padding_mode='zeros'; this Conv2d has "
-                         f"groups={layer.groups}, padding_mode={layer.padding_mode!r}")
-    k = layer.k if isinstance(layer, SparseModule) else 0.05
+    # SparseConv2d refuses, naming the argument, the groups and padding modes it does not support
     return SparseConv2d.from_entries(layer.in_channels, layer.out_channels, layer.kernel_size, rows, cols, values,
-                                     bias, csr_mode=(target == "csr"), k=k, **geometry)
+                                     bias, csr_mode=(target == "csr"), k=k, groups=layer.groups,
+                                     padding_mode=layer.padding_mode, **geometry)
 
 
 def _fill_dense(dense: nn.Module, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None) -> None:
@@ -131,7 +130,8 @@ def convert(layer: nn.Module, target: str, mask: Tensor | None = None) -> nn.Mod
     rows, cols, values = _entries(layer, mask)
     bias = layer.bias.detach() if layer.bias is not None else None
     build = _conv if isinstance(layer, (nn.Conv2d, SparseConv2d)) else _linear
-    converted = build(layer, target, rows, cols, values, bias)
+    k = layer.k if isinstance(layer, SparseModule) else 0.05  # the sparse layers' default
+    converted = build(layer, target, rows, cols, values, bias, k)
     converted.train(layer.training)
     return converted
 
