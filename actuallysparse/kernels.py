@@ -22,6 +22,7 @@ names one. Threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -125,8 +126,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def supported_isas() -> tuple[str, ...]:
-    """The instruction sets this CPU can run, best first (loads the kernels)."""
+    """The instruction sets this CPU can run, best first (loads the kernels; asked once, as every
+    product needs it and the answer cannot change)."""
     return tuple(isa for isa in ISAS if _ops().isa_supported(isa))
 
 

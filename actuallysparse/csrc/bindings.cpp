@@ -85,10 +85,13 @@ int64_t tile_width(int64_t batch, int lanes) {
   return nv * lanes;
 }
 
-// pack[t][k][j] = x[t*tw + j][k], zero-padded past the batch. Reads run along k.
+// pack[t][k][j] = x[t*tw + j][k], zero-padded past the batch. Reads run along k. A contiguous
+// single row is already in that layout and is used as it is; small copies stay on one thread
+// (waking the pool costs more than copying a few thousand elements).
 template <typename T>
 at::Tensor pack(const at::Tensor& x, int64_t tw) {
   const int64_t batch = x.size(0), k_rows = x.size(1);
+  if (tw == 1 && batch == 1 && x.is_contiguous()) return x.view({1, k_rows, 1});
   const int64_t n_tiles = (batch + tw - 1) / tw;
   at::Tensor out = at::empty({n_tiles, k_rows, tw}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const T* src = x.data_ptr<T>();
@@ -96,7 +99,9 @@ at::Tensor pack(const at::Tensor& x, int64_t tw) {
   const int64_t sb = x.stride(0), sk = x.stride(1);
   constexpr int64_t kBlock = 64;
   const int64_t k_blocks = (k_rows + kBlock - 1) / kBlock;
-  at::parallel_for(0, n_tiles * k_blocks, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kMinElementsPerThread = 1 << 15;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / (kBlock * tw));
+  at::parallel_for(0, n_tiles * k_blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / k_blocks, k0 = (item % k_blocks) * kBlock;
       const int64_t k1 = std::min(k_rows, k0 + kBlock);
