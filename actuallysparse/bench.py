@@ -45,8 +45,8 @@ from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import (inference_call, ratio_cell, summarise_rounds, time_block, time_interleaved,
-                                   train_call)
+from actuallysparse.timing import (inference_call, openvino_builders, ratio_cell, summarise_rounds, time_block,
+                                   time_interleaved, train_call)
 
 VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
 PEERS = ("sparseprop", "openvino", "openvino_sparse")
@@ -126,28 +126,6 @@ def _sparseprop_layer(pruned: nn.Linear):
     return SparseLinear.from_dense(copy.deepcopy(pruned))
 
 
-def _openvino_factories(pruned: nn.Linear, x: torch.Tensor, threads: int) -> dict:
-    """Builders of OpenVINO inference calls (dense, and with sparse-weight decompression); empty when
-    OpenVINO is not installed. Each builds its compiled model when called: a live OpenVINO model
-    keeps worker threads that would slow the torch variants timed before it."""
-    try:
-        import openvino
-    except ImportError:
-        return {}
-    base = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-
-    def factory(extra):
-        def build():
-            model = openvino.convert_model(copy.deepcopy(pruned).eval(), example_input=x.detach())
-            request = openvino.Core().compile_model(model, "CPU", {**base, **extra}).create_infer_request()
-            data = x.detach().numpy()
-            return lambda: request.infer({0: data})
-        return build
-
-    return {"openvino": factory({}),
-            "openvino_sparse": factory({"CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": 0.5})}
-
-
 def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
     """Measure every (shape, sparsity, mode, batch); one record per combination.
 
@@ -190,7 +168,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
                     sparseprop.train(mode == "train")
                     peers["sparseprop"] = lambda layer=sparseprop: make_call(layer, x)
                 if config.peers and mode == "inference":
-                    peers.update(_openvino_factories(pruned_linear, x, threads))
+                    peers.update(openvino_builders(pruned_linear, x, threads))
                 rounds = {name: [] for name in list(calls) + list(peers)}
                 for _ in range(config.rounds):
                     times = time_interleaved(calls, config.repeats, config.warmup)

@@ -33,8 +33,8 @@ from tqdm import tqdm
 from actuallysparse.converter import convert, convert_model
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import (inference_call, ratio_cell, summarise_rounds, time_block, time_interleaved,
-                                   train_call)
+from actuallysparse.timing import (inference_call, openvino_builders, ratio_cell, summarise_rounds, time_block,
+                                   time_interleaved, train_call)
 
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
@@ -144,25 +144,6 @@ def _training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return report.total_bytes + report.optimizer_state_bytes
 
 
-def _openvino_builders(model: nn.Module, x: torch.Tensor) -> dict:
-    try:
-        import openvino
-    except ImportError:
-        return {}
-    settings = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32",
-                "PERFORMANCE_HINT": "LATENCY"}
-
-    def builder(extra):
-        def build():
-            converted = openvino.convert_model(copy.deepcopy(model).eval(), example_input=x)
-            request = openvino.Core().compile_model(converted, "CPU", {**settings, **extra}).create_infer_request()
-            data = x.numpy()
-            return lambda: request.infer({0: data})
-        return build
-
-    return {"openvino": builder({}), "openvino_sparse": builder({"CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": 0.5})}
-
-
 def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, warmup: int = 2, rounds: int = 3,
                    peers: bool = True, seed: int = 0, progress: bool = True) -> list[dict]:
     """Whole VGG11_bn (CIFAR head): inference and SGD training step of dense, masked and sparse; OpenVINO."""
@@ -176,7 +157,7 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, war
             for model in models.values():
                 model.eval()
             calls = {name: inference_call(model, x) for name, model in models.items()}
-            builders = _openvino_builders(_dense_copy(models["csr"]), x) if peers else {}
+            builders = openvino_builders(_dense_copy(models["csr"]), x, torch.get_num_threads()) if peers else {}
         else:
             calls = {}
             for name, model in models.items():

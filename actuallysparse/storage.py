@@ -189,7 +189,8 @@ class SparseModule(nn.Module):
         It shares ``values``, so gradients flow to them through it.
         """
         if self.csr_mode:
-            return torch.sparse_csr_tensor(self.row_indices, self.col_indices, self.values, self._matrix_shape)
+            return torch.sparse_csr_tensor(self.row_indices, self.col_indices, self.values, self._matrix_shape,
+                                           check_invariants=False)
         return torch.sparse_coo_tensor(self.indices.long(), self.values, self._matrix_shape, is_coalesced=True,
                                        check_invariants=False)
 

@@ -2,9 +2,11 @@
 and ratio cells."""
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -26,6 +28,34 @@ def train_call(module: nn.Module, x: torch.Tensor):
             param.grad = None
         module(x).sum().backward()
     return call
+
+
+def openvino_builders(model: nn.Module, x: torch.Tensor, threads: int) -> dict:
+    """Builders of OpenVINO inference calls on ``model`` (its dense mode, and its sparse-weight
+    decompression), or an empty dict when OpenVINO is not installed.
+
+    Each builds its compiled model only when called: a live OpenVINO model keeps worker threads
+    that would slow the torch variants timed before it. Conversion traces the model with
+    ``torch.jit.trace``; its deprecation warnings are about OpenVINO's converter, so they are
+    silenced there alone.
+    """
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+    def builder(extra):
+        def build():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                converted = openvino.convert_model(copy.deepcopy(model).eval(), example_input=x.detach())
+            request = openvino.Core().compile_model(converted, "CPU", {**settings, **extra}).create_infer_request()
+            data = x.detach().numpy()
+            return lambda: request.infer({0: data})
+        return build
+
+    return {"openvino": builder({}), "openvino_sparse": builder({"CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": 0.5})}
 
 
 def time_interleaved(calls: dict[str, callable], repeats: int, warmup: int) -> dict[str, float]:
