@@ -4,6 +4,7 @@ import csv
 import pytest
 
 from actuallysparse import bench
+from actuallysparse.timing import time_interleaved
 
 
 def test_quick_benchmark_prints_all_variants(tmp_path, capsys):
@@ -75,3 +76,15 @@ def test_conv_targets_are_checked_from_records():
               "csr_train_bytes": 20, "dense_train_bytes": 100}]
     (line,) = bench_conv.check_conv_targets([], model)
     assert "1.50x -> NOT met" in line and "vs masked 2.50x" in line and "0.200 of dense (met" in line
+
+
+def test_interleaved_timing_varies_each_calls_predecessor():
+    # A call slowed by what ran before it must not always follow the same call.
+    sequence = []
+    calls = {name: (lambda name=name: sequence.append(name)) for name in "abcde"}
+    times = time_interleaved(calls, repeats=12, warmup=1)
+    assert sorted(times) == list("abcde")
+    assert all(sequence.count(name) == 13 for name in "abcde")
+    timed = sequence[5:]
+    predecessors = {name: {timed[i - 1] for i in range(1, len(timed)) if timed[i] == name} for name in "abcde"}
+    assert all(len(before) >= 3 for before in predecessors.values()), predecessors
