@@ -8,7 +8,8 @@ from comparison import records
 from comparison.reproduce import EXPERIMENTS, load_tables
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-RUN_DIRS = [RESULTS / "run"] + [RESULTS / "reproduce" / name for name in EXPERIMENTS]
+RUN_DIRS = ([RESULTS / name for name in ("run", "run-scope-all", "backends/native", "backends/torch")]
+            + [RESULTS / "reproduce" / name for name in EXPERIMENTS])
 
 
 def _quiet(text):
