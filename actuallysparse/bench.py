@@ -91,12 +91,6 @@ def _make_variants(out_features: int, in_features: int, sparsity: float, seed: i
     return variants
 
 
-def _backend_name(layer: nn.Module, in_features: int) -> str:
-    """Which backend the layer's products run on here, e.g. ``native-avx2`` or ``torch``."""
-    backend = functional.backend_for(torch.zeros(1, in_features, dtype=layer.values.dtype), layer._pattern()[0])
-    return f"native-{kernels.isa()}" if backend.name == "native" else backend.name
-
-
 def _train_bytes(layer: nn.Module, in_features: int) -> int:
     """Bytes held while training with Adam: after one backward (gradients, caches) plus two moments."""
     x = torch.randn(2, in_features, requires_grad=True)
@@ -150,7 +144,7 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
         sizes = {f"{name}_bytes": stored_bytes(layer).total_bytes for name, layer in variants.items()}
         # One Adam step moves the weights a little; timings do not depend on their values.
         train_sizes = {f"{name}_train_bytes": _train_bytes(layer, in_features) for name, layer in variants.items()}
-        backend = _backend_name(variants["csr"], in_features)
+        backend = functional.backend_name("cpu", variants["csr"].values.dtype)
         # peers get the same pruned weight as the sparse layers
         pruned_linear = _with_weight(variants["dense"], _masked_weight(variants))
         sparseprop = _sparseprop_layer(pruned_linear) if config.peers else None

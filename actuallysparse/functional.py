@@ -269,14 +269,28 @@ def backend_for(x: Tensor, crow: Tensor) -> Backend:
     dtype or index type. Forcing ``native`` where it cannot run raises; where the kernels
     cannot be built, the torch backend runs, after one warning saying why.
     """
+    return _choose_backend(x.device.type, x.dtype, crow.dtype)
+
+
+def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """Where a sparse layer with int32 indices computes for inputs of ``dtype`` on ``device``:
+    ``native-<instruction set>`` (e.g. ``native-avx2``) or ``torch``.
+
+    Benchmarks and result files record it: the two backends' timings differ by several times.
+    """
+    backend = _choose_backend(torch.device(device).type, dtype, torch.int32)
+    return f"native-{kernels.isa()}" if backend is NATIVE_BACKEND else backend.name
+
+
+def _choose_backend(device_type: str, dtype: torch.dtype, index_dtype: torch.dtype) -> Backend:
     global _fallback_warned
     forced = forced_backend()
     if forced == "torch":
         return TORCH_BACKEND
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or crow.dtype != torch.int32:
+    if device_type != "cpu" or dtype not in (torch.float32, torch.float64) or index_dtype != torch.int32:
         if forced == "native":
             raise RuntimeError(f"{BACKEND_VARIABLE}=native, but the native kernels need a CPU float32/float64 "
-                               f"input and int32 indices; got {x.device.type} {x.dtype} and {crow.dtype}")
+                               f"input and int32 indices; got {device_type} {dtype} and {index_dtype}")
         return TORCH_BACKEND
     if forced == "native":
         kernels.load()
@@ -288,7 +302,7 @@ def backend_for(x: Tensor, crow: Tensor) -> Backend:
         warnings.warn(f"actuallysparse: the compiled CPU kernels are unavailable ({kernels.load_error_summary()}); "
                       f"sparse layers use the slower torch backend. Install a C++ compiler (g++ or clang) and "
                       f"ninja to build them, or set {BACKEND_VARIABLE}=torch to choose that backend "
-                      f"without this warning.", RuntimeWarning, stacklevel=3)
+                      f"without this warning.", RuntimeWarning, stacklevel=4)
     return TORCH_BACKEND
 
 

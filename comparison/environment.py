@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from actuallysparse import functional, kernels
 from actuallysparse.kernels import cpu_model
 
 
@@ -53,20 +52,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_model()
-
-
-def sparse_backend(device: torch.device) -> str:
-    """Where the sparse layers' products run here: ``native-<instruction set>`` or ``torch``.
-
-    ``ACTUALLYSPARSE_BACKEND`` can force either, and timings differ by several times between them,
-    so a run records which it used.
-    """
-    forced = functional.forced_backend()
-    if device.type != "cpu" or forced == "torch":
-        return "torch"
-    if not kernels.is_available():
-        return "torch (the compiled kernels could not be built)"
-    return f"native-{kernels.isa()}"
 
 
 def node_columns(device: torch.device, threads: int) -> dict[str, object]:

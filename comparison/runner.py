@@ -25,11 +25,12 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from actuallysparse.functional import backend_name
 from comparison import records
 from comparison.config import RUN_ID_EXCLUDES, RunConfig
 from comparison.data import Dataset, derive_seed, load_dataset
 from comparison.device import resolve_device
-from comparison.environment import available_cores, environment_columns, sparse_backend
+from comparison.environment import available_cores, environment_columns
 from comparison.files import (
     DirectoryLock,
     move_aside,
@@ -508,7 +509,7 @@ def write_environment(plan: RunPlan, data: Dataset) -> dict[str, object]:
                    "experiment": config.experiment}
     write_json_atomic(plan.out_dir / "environment.json", {
         **environment, "cores": available_cores(), "python": sys.version.split()[0],
-        "sparse_backend": sparse_backend(plan.device),
+        "sparse_backend": backend_name(plan.device),
         "train_samples": len(data.train), "test_samples": len(data.test)})
     return environment
 

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from actuallysparse import functional, kernels
+from actuallysparse import functional
 from comparison import records, runner
 from comparison.config import RunConfig
 from comparison.data import load_dataset
-from comparison.environment import sparse_backend
 from comparison.metrics import Measurement
 from comparison.records import COLUMNS, Cell
 
@@ -115,16 +114,7 @@ def test_run_writes_the_table_with_every_metric_per_step(finished_run):
     assert len(list((out / "plots").glob("*.png"))) == 6
     assert len(list((out / "baselines").glob("*.pt"))) == 1
     environment = json.loads((out / "environment.json").read_text())
-    assert environment["sparse_backend"] == sparse_backend(torch.device("cpu"))
-
-
-def test_the_recorded_sparse_backend_follows_what_the_layers_run_on():
-    cpu = torch.device("cpu")
-    expected = f"native-{kernels.isa()}" if kernels.is_available() else "torch"
-    assert sparse_backend(cpu).split(" ")[0] == expected
-    with functional.use_backend("torch"):
-        assert sparse_backend(cpu) == "torch"
-    assert sparse_backend(torch.device("cuda")) == "torch"
+    assert environment["sparse_backend"] == functional.backend_name("cpu")
 
 
 def test_recorded_units_follow_the_documented_ones(finished_run):

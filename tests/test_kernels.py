@@ -143,6 +143,17 @@ def test_native_is_the_default_on_the_cpu(monkeypatch):
     assert functional.backend_for(x.half(), crow) is functional.TORCH_BACKEND     # other dtypes
 
 
+def test_backend_name_says_where_a_layer_computes(monkeypatch):
+    monkeypatch.delenv(functional.BACKEND_VARIABLE, raising=False)
+    expected = f"native-{kernels.isa()}" if kernels.is_available() else "torch"
+    assert functional.backend_name() == expected
+    assert functional.backend_name("cpu", torch.float64) == expected
+    assert functional.backend_name("cpu", torch.float16) == "torch"
+    assert functional.backend_name("cuda") == "torch"
+    with functional.use_backend("torch"):
+        assert functional.backend_name() == "torch"
+
+
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.delenv(functional.BACKEND_VARIABLE, raising=False)
     monkeypatch.setattr(kernels, "is_available", lambda: False)
