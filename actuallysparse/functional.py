@@ -25,7 +25,8 @@ own rows, so no step gathers or copies the values), and ``torch``, built on torc
 sparse CSR operations (MKL on the CPU; any device, dtype and index type). :func:`backend_for`
 chooses: native on the CPU, torch for other devices, int64 indices or other dtypes, and torch
 (with one warning) when the kernels cannot be built. The environment variable
-``ACTUALLYSPARSE_BACKEND`` (``native`` or ``torch``) forces one.
+``ACTUALLYSPARSE_BACKEND`` (``native`` or ``torch``) forces one. :func:`backend_name` names the
+choice (``native-avx2``, ``torch``, ...) for benchmarks and result files.
 """
 from __future__ import annotations
 
