@@ -27,6 +27,11 @@ chooses: native on the CPU, torch for other devices, int64 indices or other dtyp
 (with one warning) when the kernels cannot be built. The environment variable
 ``ACTUALLYSPARSE_BACKEND`` (``native`` or ``torch``) forces one. :func:`backend_name` names the
 choice (``native-avx2``, ``torch``, ...) for benchmarks and result files.
+
+Autograd: :class:`SparseProduct`, :class:`InputGrad` and :class:`ValueGrad` wrap the three
+products; each one's derivatives are the other two, so backward, double backward, forward mode
+and the ``torch.func`` transforms are exact on both backends. float16 and bfloat16 inputs on the
+CPU compute in float32 (:func:`_computes_in_float32`).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch import Tensor
 
 from actuallysparse import kernels
@@ -307,31 +313,235 @@ def _choose_backend(device_type: str, dtype: torch.dtype, index_dtype: torch.dty
     return TORCH_BACKEND
 
 
-class SparseLinearFunction(torch.autograd.Function):
-    """``y = x @ W.T + b`` with ``W`` given as a CSR pattern and its ``values``."""
+# ---------------------------------------------------------------- autograd
+# A layer's output is bilinear in its input and its values: y = P(x, v) (+ bias). Its two
+# gradients are bilinear too, and each one's derivatives are again the three products:
+#   P(x, v)           d/dx: I(g, v)   d/dv: V(g, x)
+#   I(g, v) = dy W    d/dg: P(u, v)   d/dv: V(g, u)
+#   V(g, x) = dW|nnz  d/dg: P(x, u)   d/dx: I(g, u)
+# (u is the gradient arriving at that product's output). So three Functions whose backwards call
+# each other give every order of derivative, on every backend, from the first-order kernels:
+# double backward, gradient penalties and Hessian-vector products are exact, not silently zero.
+# Forward-mode AD (jvp) follows from bilinearity alone: dP = P(dx, v) + P(x, dv).
+
+@dataclass(frozen=True, eq=False)
+class LinearProducts:
+    """The three products of a sparse linear layer on one backend and one pattern."""
+
+    backend: Backend
+    crow: Tensor
+    col: Tensor
+    transposed: TransposedPattern | None
+    shape: tuple[int, int]
+
+    def apply(self, x: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.backend.forward(x, values, bias, self.crow, self.col, self.shape[0])
+
+    def input_grad(self, grad_out: Tensor, values: Tensor, x_shape: torch.Size) -> Tensor:
+        t_crow, t_col, perm = _transposed_parts(self.transposed)
+        return self.backend.grad_input(grad_out, values, self.crow, self.col, t_crow, t_col, perm, self.shape[1])
+
+    def value_grad(self, grad_out: Tensor, x: Tensor) -> Tensor:
+        return self.backend.grad_values(grad_out, x, self.crow, self.col)
+
+    def both_grads(self, grad_out: Tensor, x: Tensor, values: Tensor, need_input: bool, need_values: bool):
+        t_crow, t_col, perm = _transposed_parts(self.transposed)
+        return self.backend.backward(grad_out, x, values, self.crow, self.col, t_crow, t_col, perm,
+                                     need_input, need_values)
 
     @staticmethod
-    def forward(ctx, x, values, bias, crow, col, transposed, shape):  # noqa: D102
-        out_features, in_features = shape
-        backend = backend_for(x, crow)
-        ctx.save_for_backward(x, values)
-        ctx.pattern = (crow, col, transposed, shape, backend)
+    def bias_grad(grad_out: Tensor) -> Tensor:
+        return grad_out.sum(0)
+
+    @staticmethod
+    def broadcast_bias(bias: Tensor) -> Tensor:
+        return bias
+
+
+@dataclass(frozen=True, eq=False)
+class ConvProducts:
+    """The three products of a sparse convolution on one backend, one pattern and one geometry."""
+
+    backend: Backend
+    crow: Tensor
+    col: Tensor
+    out_channels: int
+    geometry: tuple[int, ...]
+
+    def apply(self, x: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.backend.conv_forward(x, values, bias, self.crow, self.col, self.out_channels, self.geometry)
+
+    def input_grad(self, grad_out: Tensor, values: Tensor, x_shape: torch.Size) -> Tensor:
+        x = grad_out.new_empty(x_shape)  # only its shape is read
+        return self.both_grads(grad_out, x, values, True, False)[0]
+
+    def value_grad(self, grad_out: Tensor, x: Tensor) -> Tensor:
+        values = x.new_empty(self.col.numel())  # only its shape is read
+        return self.both_grads(grad_out, x, values, False, True)[1]
+
+    def both_grads(self, grad_out: Tensor, x: Tensor, values: Tensor, need_input: bool, need_values: bool):
+        return self.backend.conv_backward(grad_out, x, values, self.crow, self.col, self.geometry,
+                                          need_input, need_values)
+
+    @staticmethod
+    def bias_grad(grad_out: Tensor) -> Tensor:
+        return grad_out.sum((0, 2, 3))
+
+    @staticmethod
+    def broadcast_bias(bias: Tensor) -> Tensor:
+        return bias.view(-1, 1, 1)
+
+
+def _transposed_parts(transposed: TransposedPattern | None):
+    return (None, None, None) if transposed is None else (transposed.crow, transposed.col, transposed.perm)
+
+
+def _added(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _vmap_by_loop(function, info, in_dims, args):
+    """A ``torch.func.vmap`` rule for a Function of the products: one call per batch entry.
+
+    The kernels have no batch dimension of their own; correctness first, and the common case (only
+    a layer's input batched) has a faster rule in :meth:`SparseProduct.vmap`.
+    """
+    outputs = []
+    for i in range(info.batch_size):
+        outputs.append(function.apply(*(arg.select(dim, i) if isinstance(arg, Tensor) and dim is not None else arg
+                                        for arg, dim in zip(args, in_dims))))
+    return torch.stack(outputs), 0
+
+
+class SparseProduct(torch.autograd.Function):
+    """``y = P(x, values) + bias``: a sparse layer's output (:class:`LinearProducts` or :class:`ConvProducts`)."""
+
+    @staticmethod
+    def forward(x, values, bias, products):  # noqa: D102
         # A view returned from a custom Function may not be modified in place later (an
         # in-place ReLU after the layer would fail), so return a tensor of its own.
-        return backend.forward(x, values, bias, crow, col, out_features).contiguous()
+        return products.apply(x, values, bias).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        x, values, bias, products = inputs
+        ctx.save_for_backward(x, values)
+        ctx.save_for_forward(x, values)
+        ctx.products = products
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x, values = ctx.saved_tensors
-        crow, col, transposed, (out_features, in_features), backend = ctx.pattern
-        t_crow, t_col, perm = (None, None, None) if transposed is None else (
-            transposed.crow, transposed.col, transposed.perm)
-        grad_x, grad_values = backend.backward(grad_out, x, values, crow, col, t_crow, t_col, perm,
-                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(0)
-        return grad_x, grad_values, grad_bias, None, None, None, None
+        products = ctx.products
+        need_input, need_values, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
+            grad_x = InputGrad.apply(grad_out, values, x.shape, products) if need_input else None
+            grad_values = ValueGrad.apply(grad_out, x, products) if need_values else None
+        else:  # first order only: both gradients in one call (the native kernels pack grad_out once)
+            grad_x, grad_values = products.both_grads(grad_out, x, values, need_input, need_values)
+        grad_bias = products.bias_grad(grad_out) if need_bias else None
+        return grad_x, grad_values, grad_bias, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, values, bias, products):  # noqa: D102
+        if in_dims[1] is None and in_dims[2] is None:  # only the input is batched: fold it into the batch
+            x = x.movedim(in_dims[0], 0)
+            out = SparseProduct.apply(x.flatten(0, 1), values, bias, products)
+            return out.unflatten(0, x.shape[:2]), 0
+        return _vmap_by_loop(SparseProduct, info, in_dims, (x, values, bias, products))
+
+    @staticmethod
+    def jvp(ctx, x_tangent, values_tangent, bias_tangent, _):  # noqa: D102
+        x, values = ctx.saved_tensors
+        products = ctx.products
+        out = None
+        # Through the Functions, not the raw products: an outer transform (vmap) must see their rules.
+        if x_tangent is not None:
+            out = SparseProduct.apply(x_tangent, values, None, products)
+        if values_tangent is not None:
+            out = _added(out, SparseProduct.apply(x, values_tangent, None, products))
+        if bias_tangent is not None:
+            out = _added(out, products.broadcast_bias(bias_tangent))
+        return out
+
+
+class InputGrad(torch.autograd.Function):
+    """``dx = I(grad_out, values)``: the input gradient of a sparse layer, differentiable again."""
+
+    @staticmethod
+    def forward(grad_out, values, x_shape, products):  # noqa: D102
+        return products.input_grad(grad_out, values, x_shape).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        grad_out, values, x_shape, products = inputs
+        ctx.save_for_backward(grad_out, values)
+        ctx.save_for_forward(grad_out, values)
+        ctx.x_shape = x_shape
+        ctx.products = products
+
+    @staticmethod
+    def backward(ctx, upstream):  # noqa: D102
+        grad_out, values = ctx.saved_tensors
+        products = ctx.products
+        d_grad_out = SparseProduct.apply(upstream, values, None, products) if ctx.needs_input_grad[0] else None
+        d_values = ValueGrad.apply(grad_out, upstream, products) if ctx.needs_input_grad[1] else None
+        return d_grad_out, d_values, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, values, x_shape, products):  # noqa: D102
+        return _vmap_by_loop(InputGrad, info, in_dims, (grad_out, values, x_shape, products))
+
+    @staticmethod
+    def jvp(ctx, grad_out_tangent, values_tangent, _, __):  # noqa: D102
+        grad_out, values = ctx.saved_tensors
+        products = ctx.products
+        out = None
+        if grad_out_tangent is not None:
+            out = InputGrad.apply(grad_out_tangent, values, ctx.x_shape, products)
+        if values_tangent is not None:
+            out = _added(out, InputGrad.apply(grad_out, values_tangent, ctx.x_shape, products))
+        return out
+
+
+class ValueGrad(torch.autograd.Function):
+    """``dv = V(grad_out, x)``: the gradient of each stored weight, differentiable again."""
+
+    @staticmethod
+    def forward(grad_out, x, products):  # noqa: D102
+        return products.value_grad(grad_out, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        grad_out, x, products = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.save_for_forward(grad_out, x)
+        ctx.products = products
+
+    @staticmethod
+    def backward(ctx, upstream):  # noqa: D102
+        grad_out, x = ctx.saved_tensors
+        products = ctx.products
+        d_grad_out = SparseProduct.apply(x, upstream, None, products) if ctx.needs_input_grad[0] else None
+        d_x = InputGrad.apply(grad_out, upstream, x.shape, products) if ctx.needs_input_grad[1] else None
+        return d_grad_out, d_x, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, x, products):  # noqa: D102
+        return _vmap_by_loop(ValueGrad, info, in_dims, (grad_out, x, products))
+
+    @staticmethod
+    def jvp(ctx, grad_out_tangent, x_tangent, _):  # noqa: D102
+        grad_out, x = ctx.saved_tensors
+        products = ctx.products
+        out = None
+        if grad_out_tangent is not None:
+            out = ValueGrad.apply(grad_out_tangent, x, products)
+        if x_tangent is not None:
+            out = _added(out, ValueGrad.apply(grad_out, x_tangent, products))
+        return out
 
 
 # ---------------------------------------------------------------- custom operators
@@ -378,6 +588,13 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_out):
     x, values, crow, col, t_crow, t_col, perm = ctx.saved_tensors
     need_input, need_values, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() and not _traced(grad_out):
+        # create_graph on an eagerly run graph (an exported program, say): differentiable gradients
+        transposed = None if t_crow is None else TransposedPattern(t_crow, t_col, perm)
+        products = LinearProducts(backend_for(x, crow), crow, col, transposed, (grad_out.shape[1], x.shape[1]))
+        return (InputGrad.apply(grad_out, values, x.shape, products) if need_input else None,
+                ValueGrad.apply(grad_out, x, products) if need_values else None,
+                grad_out.sum(0) if need_bias else None, None, None, None, None, None, None)
     grad_x, grad_values = torch.ops.actuallysparse.linear_backward(
         grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)
     grad_bias = grad_out.sum(0) if need_bias else None
@@ -386,6 +603,27 @@ def _linear_backward(ctx, grad_out):
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _computes_in_float32(x: Tensor) -> bool:
+    """float16 and bfloat16 on the CPU compute in float32 and round the result back: neither
+    backend has half-precision CPU products (torch's CSR multiply refuses them), and float32
+    accumulation is what a half-precision layer wants anyway. The layer still stores half values."""
+    return x.dtype in HALF_DTYPES and x.device.type == "cpu"
+
+
+def _needs_autograd(x: Tensor, values: Tensor, bias: Tensor | None) -> bool:
+    """Whether a product must run as an autograd Function: a gradient is wanted (backward or
+    forward mode) or a ``torch.func`` transform is active; otherwise the plain call is cheaper."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    tensors = (x, values) if bias is None else (x, values, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _traced(x: Tensor) -> bool:
@@ -418,6 +656,10 @@ def sparse_linear(
     Returns:
         ``(batch, out_features)``, equal to ``F.linear(x, W_dense, bias)``.
     """
+    if _computes_in_float32(x):
+        out = sparse_linear(x.float(), values.float(), None if bias is None else bias.float(), crow, col, shape,
+                            transposed)
+        return out.to(x.dtype)
     if _traced(x):
         t_crow, t_col, perm = (None, None, None) if transposed is None or callable(transposed) else (
             transposed.crow, transposed.col, transposed.perm)
@@ -425,32 +667,9 @@ def sparse_linear(
     backend = backend_for(x, crow)
     if callable(transposed):
         transposed = transposed() if backend.uses_transposed else None
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if not needs_grad:
+    if not _needs_autograd(x, values, bias):
         return backend.forward(x, values, bias, crow, col, shape[0])
-    return SparseLinearFunction.apply(x, values, bias, crow, col, transposed, shape)
-
-
-class SparseConv2dFunction(torch.autograd.Function):
-    """``conv2d(x, W) + b`` with ``W``'s matrix given as a CSR pattern and its ``values``."""
-
-    @staticmethod
-    def forward(ctx, x, values, bias, crow, col, out_channels, geometry):  # noqa: D102
-        backend = backend_for(x, crow)
-        ctx.save_for_backward(x, values)
-        ctx.pattern = (crow, col, geometry, backend)
-        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        x, values = ctx.saved_tensors
-        crow, col, geometry, backend = ctx.pattern
-        grad_x, grad_values = backend.conv_backward(grad_out, x, values, crow, col, geometry,
-                                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None, None
+    return SparseProduct.apply(x, values, bias, LinearProducts(backend, crow, col, transposed, tuple(shape)))
 
 
 @torch.library.custom_op("actuallysparse::conv2d", mutates_args=())
@@ -497,6 +716,12 @@ def _conv2d_setup_context(ctx, inputs, output):
 def _conv2d_backward(ctx, grad_out):
     x, values, crow, col = ctx.saved_tensors
     need_input, need_values, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() and not _traced(grad_out):
+        # create_graph on an eagerly run graph (an exported program, say): differentiable gradients
+        products = ConvProducts(backend_for(x, crow), crow, col, grad_out.shape[1], tuple(ctx.geometry))
+        return (InputGrad.apply(grad_out, values, x.shape, products) if need_input else None,
+                ValueGrad.apply(grad_out, x, products) if need_values else None,
+                grad_out.sum((0, 2, 3)) if need_bias else None, None, None, None, None)
     grad_x, grad_values = torch.ops.actuallysparse.conv2d_backward(
         grad_out, x, values, crow, col, ctx.geometry, need_input, need_values)
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
@@ -523,11 +748,13 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
     Returns:
         ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight.
     """
+    if _computes_in_float32(x):
+        out = sparse_conv2d(x.float(), values.float(), None if bias is None else bias.float(), crow, col,
+                            out_channels, geometry)
+        return out.to(x.dtype)
     if _traced(x):
         return torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
     backend = backend_for(x, crow)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-    if not needs_grad:
+    if not _needs_autograd(x, values, bias):
         return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
-    return SparseConv2dFunction.apply(x, values, bias, crow, col, out_channels, geometry)
+    return SparseProduct.apply(x, values, bias, ConvProducts(backend, crow, col, out_channels, tuple(geometry)))

@@ -69,7 +69,7 @@ def test_gradcheck(backend, in_ch, out_ch, kernel, stride, padding, dilation, bi
     inputs = (x, values) + ((b,) if bias else ())
 
     def apply(x, values, b=None):
-        return functional.SparseConv2dFunction.apply(x, values, b, crow, col, out_ch, sparse.geometry())
+        return functional.sparse_conv2d(x, values, b, crow, col, out_ch, sparse.geometry())
 
     assert torch.autograd.gradcheck(apply, inputs)
 

@@ -14,7 +14,7 @@ import torch
 
 from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
-from actuallysparse.functional import SparseLinearFunction, transpose_pattern
+from actuallysparse.functional import sparse_linear, transpose_pattern
 from actuallysparse.pruning import prune_to_sparsity
 
 def _pattern(out_features, in_features, density, dtype, empty_row=True, empty_col=True):
@@ -101,7 +101,7 @@ def test_gradcheck(backend, batch):
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
 
     def fn(x, values, bias):
-        return SparseLinearFunction.apply(x, values, bias, crow, col, transposed, (9, 13))
+        return sparse_linear(x, values, bias, crow, col, (9, 13), transposed)
 
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
