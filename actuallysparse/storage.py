@@ -377,6 +377,10 @@ class SparseModule(nn.Module):
                     error_msgs.append(f"{prefix}row_indices has {crow.numel()} entries, the layer's weight has "
                                       f"{n_rows} rows and expects {n_rows + 1}")
                     return
+                problem = row_pointer_problem(crow, col.numel())
+                if problem:
+                    error_msgs.append(f"{prefix}row_indices are not valid CSR row pointers: {problem}")
+                    return
                 rows, cols = rows_from_crow(crow), col.long()
             if rows.numel() != values.numel():
                 error_msgs.append(f"{prefix}values has {values.numel()} entries but the indices hold "
@@ -398,6 +402,25 @@ class SparseModule(nn.Module):
                 state_dict[prefix + key] = tensor.clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+def row_pointer_problem(crow: Tensor, nnz: int) -> str:
+    """What is wrong with CSR row pointers ``crow`` for ``nnz`` stored weights ("" if nothing).
+
+    Valid pointers start at 0, never decrease, and end at ``nnz``.
+    """
+    crow = crow.long()
+    first, last = int(crow[0]), int(crow[-1])
+    if first != 0:
+        return f"they must start at 0, got {first}"
+    steps = crow[1:] - crow[:-1]
+    if bool((steps < 0).any()):
+        row = int(torch.nonzero(steps < 0)[0])
+        return (f"they must never decrease, but row {row} ends before it starts "
+                f"(pointer {int(crow[row])} then {int(crow[row + 1])})")
+    if last != nnz:
+        return f"they must end at the number of stored weights, {nnz}, got {last}"
+    return ""
 
 
 def check_finite_values(module: SparseModule, name: str | None = None) -> None:

@@ -226,6 +226,19 @@ class TestState:
         with pytest.raises(RuntimeError, match=r"column indices span \[0, 9\], layer expects \[0, 4\]"):
             SparseLayer(5, 6).load_state_dict(pruned.state_dict())
 
+    @pytest.mark.parametrize("pointers, problem", [
+        ([0, 5, 3, 12], r"row_indices are not valid CSR row pointers: they must never decrease, but row 1 ends "
+                        r"before it starts \(pointer 5 then 3\)"),
+        ([1, 4, 8, 12], "row_indices are not valid CSR row pointers: they must start at 0, got 1"),
+        ([0, 4, 8, 11], "row_indices are not valid CSR row pointers: they must end at the number of stored "
+                        "weights, 12, got 11"),
+    ])
+    def test_load_names_row_pointers_that_are_not_csr(self, pointers, problem):
+        state = SparseLayer(4, 3, csr_mode=True).state_dict()
+        state["row_indices"] = torch.tensor(pointers, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match=problem):
+            SparseLayer(4, 3, csr_mode=True).load_state_dict(state)
+
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_torch_save_load_round_trip(self, sparse_pair, fmt):
         _, pruned = sparse_pair(10, 6, fmt=fmt, sparsity=0.7)
