@@ -27,7 +27,7 @@ from comparison.config import (
     RunConfig,
     load_config_file,
 )
-from comparison.files import DirectoryBusyError
+from comparison.files import DirectoryBusyError, MachineFaultError, is_machine_fault, is_writable, machine_fault
 from comparison.methods import available_methods
 
 def _one_of(choices) -> str:
@@ -146,7 +146,17 @@ def _plot_main(args: argparse.Namespace) -> int:
     base = source if source.is_dir() else source.parent
     plot_dir = Path(args.plot_dir) if args.plot_dir else base / "plots"
     print(summary_markdown(table))
-    for path in plot_all(table, plot_dir):
+    existing = next(folder for folder in (plot_dir, *plot_dir.parents) if folder.exists())
+    if not is_writable(existing):
+        raise ValueError(f"cannot write the plots to {plot_dir}: {existing} is read-only for this process; "
+                         f"pass --out DIR to draw them elsewhere (the summary above is complete)")
+    try:
+        paths = plot_all(table, plot_dir)
+    except OSError as error:
+        if not is_machine_fault(error):
+            raise
+        raise machine_fault(error, error.filename or plot_dir) from error
+    for path in paths:
         print(path)
     return 0
 
@@ -208,6 +218,9 @@ def _one_line(error: Exception) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (ConfigError, ValueError, FileNotFoundError, DirectoryBusyError)):
         return text
+    if is_machine_fault(error):
+        fault = error if isinstance(error, MachineFaultError) else machine_fault(error)
+        return f"{fault}; {fault.advice}"
     if isinstance(error, PermissionError):
         return f"permission denied: {error.filename or text}; choose a writable --out"
     if isinstance(error, OSError):

@@ -5,14 +5,20 @@ private temporary file beside the target, is flushed to disk, and replaces the t
 ``os.replace`` in one step. A crash or Ctrl-C leaves the old file or the new one, never half of
 one. A temporary file left by a killed process starts with ``.`` and ends with ``.tmp``;
 :func:`remove_stale_temporaries` clears them at the next start.
+
+A write that fails because of the machine (a full or read-only disk, an I/O error) raises
+:class:`MachineFaultError` naming the file: such an error says nothing about the experiment, so
+the runner stops on it instead of recording a result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -21,6 +27,76 @@ from typing import Iterator
 
 TEMPORARY_SUFFIX = ".tmp"
 LOCK_FILE = ".lock"
+
+# Errors of the machine rather than of the code or the experiment, and what to do about each.
+_RESUME = "run the same command again (what finished is kept; nothing is recorded for the interrupted cell)"
+MACHINE_FAULTS = {
+    errno.ENOSPC: ("no space left on device", f"free some space (or choose another --out), then {_RESUME}"),
+    errno.EDQUOT: ("disk quota exceeded", f"free some space (or choose another --out), then {_RESUME}"),
+    errno.EROFS: ("read-only file system", f"make it writable (or choose another --out), then {_RESUME}"),
+    errno.EIO: ("input/output error", f"check the disk, then {_RESUME}"),
+}
+# Free space under which a write torch reports as cut short is taken for a full disk.
+FULL_DISK_BYTES = 16 << 20
+
+
+class MachineFaultError(OSError):
+    """A write failed because of the machine (a full or read-only disk, an I/O error).
+
+    Its message names the cause and the path (``no space left on device writing DIR/x.csv``);
+    :attr:`advice` says what to do. The runner never records it as a cell's result: the run
+    stops, and the same command completes the table once the fault is fixed.
+    """
+
+    @property
+    def advice(self) -> str:
+        return MACHINE_FAULTS.get(self.errno, ("", "fix the machine, then run the same command again"))[1]
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_machine_fault(error: BaseException) -> bool:
+    """True for an ``OSError`` of the machine (:data:`MACHINE_FAULTS`: ENOSPC, EDQUOT, EROFS, EIO)."""
+    return isinstance(error, OSError) and error.errno in MACHINE_FAULTS
+
+
+def machine_fault(error: OSError, path: str | Path | None = None) -> MachineFaultError:
+    """``error`` (a machine fault) as a :class:`MachineFaultError` naming ``path`` (else its own file)."""
+    if isinstance(error, MachineFaultError) and path is None:
+        return error
+    where = path or error.filename or "a file (the system did not say which)"
+    cause = MACHINE_FAULTS.get(error.errno, (error.strerror or str(error), ""))[0]
+    return MachineFaultError(error.errno, f"{cause} writing {where}", str(where))
+
+
+def save_torch(payload: object, path: str | Path) -> None:
+    """``torch.save(payload, path)``, with a write the disk cut short raised as an ``OSError``.
+
+    torch's own writer reports a short write as a ``RuntimeError`` (``unexpected pos 15232 vs
+    15128``, ``PytorchStreamWriter failed writing``) that names neither the file nor the disk;
+    it becomes a :class:`MachineFaultError` (ENOSPC when the disk is nearly full, else EIO).
+    """
+    import torch
+
+    try:
+        torch.save(payload, path)
+    except RuntimeError as error:
+        text = str(error)
+        if not any(sign in text for sign in ("unexpected pos", "PytorchStreamWriter failed", "file write failed")):
+            raise
+        code = errno.ENOSPC if free_bytes(Path(path).parent) < FULL_DISK_BYTES else errno.EIO
+        raise machine_fault(OSError(code, os.strerror(code)), path) from error
+
+
+def free_bytes(directory: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``directory``."""
+    return shutil.disk_usage(directory).free
+
+
+def is_writable(directory: str | Path) -> bool:
+    """True when this process may create files in ``directory`` (False on a read-only file system)."""
+    return os.access(directory, os.W_OK)
 
 
 def _file_mode() -> int:
@@ -44,9 +120,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        os.close(handle)
+    except OSError as error:
+        if is_machine_fault(error):
+            raise machine_fault(error, path) from error
+        raise
     temporary = Path(name)
     try:
         yield temporary
@@ -54,8 +135,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(written.fileno())
         os.chmod(temporary, _file_mode())
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        # The disk that failed the write may fail this too; the first error is the one to report.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if is_machine_fault(error):
+            raise machine_fault(error, path) from error
         raise
 
 
@@ -71,11 +156,9 @@ def write_json_atomic(path: str | Path, payload: object) -> None:
 
 
 def save_torch_atomic(payload: object, path: str | Path) -> None:
-    """``torch.save(payload)`` to ``path`` all or nothing."""
-    import torch
-
+    """``torch.save(payload)`` to ``path`` all or nothing (a full disk raises :class:`MachineFaultError`)."""
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        save_torch(payload, temporary)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 from actuallysparse.memory import stored_bytes
 from comparison.data import IMAGE_SHAPE
 from comparison.device import synchronize
+from comparison.files import save_torch
 from comparison.training import timed_step
 
 PROBE_TIMEOUT_S = 600
@@ -89,10 +90,15 @@ def memory_measurements(
 
 
 def checkpoint_bytes(model: nn.Module, directory: str | Path) -> int:
-    """Size on disk of ``torch.save(model.state_dict())``, what a user would ship as a checkpoint."""
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+    """Size on disk of ``torch.save(model.state_dict())``, what a user would ship as a checkpoint.
+
+    Raises:
+        MachineFaultError: the disk of ``directory`` is full or failing (the path is named).
+    """
+    # A clean-up error must not hide the write error that came first.
+    with tempfile.TemporaryDirectory(dir=directory, ignore_cleanup_errors=True) as scratch:
         path = Path(scratch) / "state_dict.pt"
-        torch.save(model.state_dict(), path)
+        save_torch(model.state_dict(), path)
         return path.stat().st_size
 
 
@@ -121,10 +127,11 @@ def probe_process_memory(
 
     Raises:
         RuntimeError: the child failed; its stderr is in the message.
+        MachineFaultError: the model could not be written to ``directory`` (a full or failing disk).
     """
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+    with tempfile.TemporaryDirectory(dir=directory, ignore_cleanup_errors=True) as scratch:
         path = Path(scratch) / "model.pt"
-        torch.save(model, path)
+        save_torch(model, path)
         command = [
             sys.executable, "-m", "comparison.probe", str(path),
             "--batch-size", str(batch_size), "--threads", str(threads), "--device", device,

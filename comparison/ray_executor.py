@@ -27,6 +27,7 @@ from comparison import records
 from comparison.config import RunConfig
 from comparison.device import resolve_device
 from comparison.environment import available_cores, node_columns
+from comparison.files import is_machine_fault, machine_fault
 
 # Times Ray runs a cell again after it raised or its worker died (so a cell has 1 + this attempts).
 MAX_RETRIES = 2
@@ -228,6 +229,8 @@ class RayCluster:
             return ray.get(ref)
         except Exception as error:  # the last attempt failed: record why, and the grid goes on
             cause = getattr(error, "cause", None) or error
+            if is_machine_fault(cause):
+                raise machine_fault(cause) from error  # a node's full disk is not the cell's result
             if isinstance(cause, CellFailed):
                 rows = list(cause.rows)
                 last = dict(rows[-1])

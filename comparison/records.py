@@ -25,13 +25,14 @@ row whose ``note`` says why.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from comparison.files import DirectoryLock, atomic_path, move_aside, sha256_of, write_json_atomic
+from comparison.files import DirectoryLock, atomic_path, is_writable, move_aside, sha256_of, write_json_atomic
 
 CELL_COLUMNS = ("method", "seed", "target_sparsity", "step", "metric", "value", "unit", "note")
 ENVIRONMENT_COLUMNS = (
@@ -156,7 +157,14 @@ def write_cell(path: str | Path, rows: Iterable[Mapping[str, object]]) -> None:
     path = Path(path)
     manifest_path(path).unlink(missing_ok=True)
     count = write_rows(path, rows)
-    write_json_atomic(manifest_path(path), {"file": path.name, "rows": count, "sha256": sha256_of(path)})
+    try:
+        write_json_atomic(manifest_path(path), {"file": path.name, "rows": count, "sha256": sha256_of(path)})
+    except BaseException:
+        # Without its manifest the file is not trusted anyway; removing it spares the next run a
+        # warning about a damaged cell that is only an unfinished write (a full disk, an interrupt).
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise
 
 
 def cell_problem(path: str | Path) -> str | None:
@@ -260,18 +268,22 @@ def verified_cell_paths(out_dir: str | Path, echo: Callable[[str], None] = print
     A damaged cell is reported by path and moved to ``cells/damaged/`` (kept, never deleted),
     so that ``run`` computes it again. While another live process holds the directory's lock
     (a run is writing it), damaged cells are only reported: the writer may be between the
-    cell and its manifest.
+    cell and its manifest. In a directory this process cannot write (a read-only file system)
+    they are only reported too, and nothing is changed.
     """
     cells_dir = Path(out_dir) / CELLS_DIR
     paths = sorted(cells_dir.glob("*.csv"))
     good = []
     busy = DirectoryLock(out_dir).owner() is not None and not _locked_by_me(out_dir)
+    read_only = not is_writable(cells_dir) if cells_dir.is_dir() else False
     for path in paths:
         problem = cell_problem(path)
         if problem is None:
             good.append(path)
         elif busy:
             echo(f"warning: {problem}; left in place while another process writes {out_dir}")
+        elif read_only:
+            echo(f"warning: {problem}; left in place: {cells_dir} cannot be written (read-only)")
         else:
             moved = move_aside(path, problem)
             manifest = manifest_path(path)
@@ -302,11 +314,7 @@ def refresh_results_file(out_dir: str | Path, run_id: str | None = None,
     It is rewritten (atomically) only when it is missing or disagrees with the cells.
     """
     out_dir = Path(out_dir)
-    rows = []
-    for path in verified_cell_paths(out_dir, echo):
-        cell_rows = read_rows(path)
-        if run_id is None or all(row["run_id"] == run_id for row in cell_rows):
-            rows.extend(cell_rows)
+    rows = verified_rows(out_dir, run_id, echo)
     target = out_dir / RESULTS_FILE
     try:
         current = read_rows(target) if target.is_file() else None
@@ -321,6 +329,18 @@ def refresh_results_file(out_dir: str | Path, run_id: str | None = None,
     return target
 
 
+def verified_rows(out_dir: str | Path, run_id: str | None = None,
+                  echo: Callable[[str], None] = print) -> list[dict[str, str]]:
+    """The rows of every verified cell under ``out_dir`` (of ``run_id`` if given); damaged cells
+    are named (and moved aside where the directory can be written)."""
+    rows = []
+    for path in verified_cell_paths(out_dir, echo):
+        cell_rows = read_rows(path)
+        if run_id is None or all(row["run_id"] == run_id for row in cell_rows):
+            rows.extend(cell_rows)
+    return rows
+
+
 def _canonical(rows: list[dict[str, str]]) -> list[tuple]:
     return sorted(tuple(row[key] for key in COLUMNS) for row in rows)
 
@@ -331,13 +351,13 @@ def load_table(source: str | Path, echo: Callable[[str], None] = print):
     A directory (or a ``results.csv`` inside one with ``cells/``) is read from its verified
     cells, and ``results.csv`` is rebuilt if it disagrees with them. A directory written before
     cells carried manifests is read as it is, with a warning that it cannot be verified. A lone
-    CSV is read as it is.
+    CSV is read as it is. A directory this process cannot write (a read-only file system) is
+    read from its verified cells and left exactly as it is: damaged cells are named, not moved,
+    and ``results.csv`` is not rebuilt.
 
     Raises:
         FileNotFoundError: nothing to read; CorruptResultsError: a damaged file, named.
     """
-    import pandas as pd
-
     source = Path(source)
     directory = source if source.is_dir() else source.parent
     if source.is_dir() or (source.name == RESULTS_FILE and (directory / CELLS_DIR).is_dir()):
@@ -345,6 +365,10 @@ def load_table(source: str | Path, echo: Callable[[str], None] = print):
             echo(f"note: {directory} was written before cells carried manifests; its cells cannot be verified")
             paths = [directory / RESULTS_FILE] if (directory / RESULTS_FILE).is_file() else \
                 sorted((directory / CELLS_DIR).glob("*.csv"))
+        elif (directory / CELLS_DIR).is_dir() and not is_writable(directory):
+            echo(f"note: {directory} cannot be written (read-only); reading its verified cells without "
+                 f"repairing anything")
+            return _frame(verified_rows(directory, echo=echo), source)
         elif (directory / CELLS_DIR).is_dir():
             paths = [refresh_results_file(directory, echo=echo)]
         else:  # a table copied without its cells: nothing to verify it against
@@ -353,7 +377,12 @@ def load_table(source: str | Path, echo: Callable[[str], None] = print):
         paths = [source] if source.is_file() else []
     if not paths:
         raise FileNotFoundError(f"no results in {source}: expected {RESULTS_FILE} or {CELLS_DIR}/*.csv")
-    rows = [row for path in paths for row in read_rows(path)]
+    return _frame([row for path in paths for row in read_rows(path)], source)
+
+
+def _frame(rows: list[dict[str, str]], source: Path):
+    import pandas as pd
+
     if not rows:
         raise FileNotFoundError(f"no finished cells in {source} yet")
     frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS))

@@ -33,6 +33,8 @@ from comparison.device import resolve_device
 from comparison.environment import available_cores, environment_columns
 from comparison.files import (
     DirectoryLock,
+    is_machine_fault,
+    machine_fault,
     move_aside,
     remove_stale_temporaries,
     save_torch_atomic,
@@ -193,7 +195,14 @@ def train_baseline(config: RunConfig, seed: int, data: Dataset, *, device: torch
 def save_baseline(path: Path, payload: dict[str, object]) -> None:
     """Cache a baseline made by :func:`train_baseline` at ``path``, atomically, with its checksum beside it."""
     save_torch_atomic(payload, path)
-    write_text_atomic(path.with_name(path.name + ".sha256"), sha256_of(path) + "\n")
+    try:
+        write_text_atomic(path.with_name(path.name + ".sha256"), sha256_of(path) + "\n")
+    except BaseException:
+        # Without its checksum the file is not trusted anyway; removing it spares the next run a
+        # warning about a damaged baseline that is only an unfinished write.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise
 
 
 def failed_baseline_rows(cell: Cell, error: Exception, environment: dict[str, object]) -> list[dict[str, object]]:
@@ -216,6 +225,9 @@ def run_cell(
     on_batch: BatchObserver | None = None,
 ) -> list[dict[str, object]]:
     """Run one cell and return its rows; an exception or a NaN loss becomes a ``failed`` row.
+
+    A fault of the machine (a full or read-only disk, an I/O error) is not the cell's result: it
+    is raised as :class:`~comparison.files.MachineFaultError`, naming the path, and no row is kept.
 
     Step 0 measures the prepared, unpruned model; step ``t`` prunes to the schedule's ``t``-th
     target, fine-tunes ``config.epochs_per_step`` epochs, then measures. Fine-tuning epoch
@@ -260,6 +272,9 @@ def run_cell(
             add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
             bar.update()
     except Exception as error:  # one cell's failure must not stop the run; its reason is recorded
+        if is_machine_fault(error):
+            # Recorded, it would keep the cell failed after the disk is fixed.
+            raise machine_fault(error, error.filename or scratch_dir) from error
         reason = f"{type(error).__name__}: {error}"
         tqdm.write(f"cell {cell} failed at step {step}: {reason}")
         if os.environ.get("COMPARISON_TRACEBACK"):
@@ -322,6 +337,8 @@ def _measure_step(
         rows += probe_process_memory(model, batch_size=config.batch_size, threads=threads, device=config.device,
                                      preimport=method.runtime_modules, directory=scratch_dir)
     except Exception as error:  # a failed probe loses one number, not the cell's training
+        if is_machine_fault(error):
+            raise
         rows.append(Measurement("peak_rss_bytes", math.nan, "bytes", f"probe failed: {type(error).__name__}: {error}"))
     return rows
 
@@ -561,12 +578,25 @@ def execute_cells(
                 records.write_cell(records.cell_path(out_dir, cell), rows)
                 failed = any(row["metric"] == records.FAILED_METRIC for row in rows)
                 result.statuses[cell] = "failed" if failed else "finished"
+    except BaseException:
+        # Whatever stopped the run, the table holds every cell finished so far; but the error
+        # that stopped it is the one to report, not a second one from this write (a full disk
+        # fails both).
+        try:
+            _write_table(result, plan)
+        except Exception as error:
+            echo(f"warning: {result.table_path} could not be rebuilt ({error}); the next run rebuilds it")
+        raise
+    else:
+        _write_table(result, plan)
     finally:
-        # Whatever happened, the table holds every cell finished so far.
-        records.write_rows(result.table_path, records.collect_cells(out_dir, plan.cells, config.run_id))
         if own_cluster:
             cluster.close()
     return result
+
+
+def _write_table(result: RunResult, plan: RunPlan) -> None:
+    records.write_rows(result.table_path, records.collect_cells(plan.out_dir, plan.cells, plan.config.run_id))
 
 
 def _local_cells(plan: RunPlan, data: Dataset, environment: dict[str, object], to_run: list[Cell], *,
@@ -577,7 +607,8 @@ def _local_cells(plan: RunPlan, data: Dataset, environment: dict[str, object], t
     torch.set_num_threads(plan.threads)
     baselines: dict[int, dict[str, torch.Tensor] | NonFiniteLossError] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
+        # ignore_cleanup_errors: a failing disk must not replace the error that stopped the cells.
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir, ignore_cleanup_errors=True) as scratch:
             for cell in to_run:
                 if cell.seed not in baselines:
                     try:

@@ -280,3 +280,153 @@ def test_any_command_line_exits_0_or_2_with_one_line(tmp_path, monkeypatch, opti
     if code == 2:
         assert errors.strip() and "Traceback" not in errors, (argv, errors)
         assert len([line for line in errors.splitlines() if "error:" in line]) == 1, (argv, errors)
+
+
+# ------------------------------------------------------------------ faults of the machine
+_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 15232 vs 15128"
+
+
+def _fault_the_second_cell(monkeypatch, fault):
+    """Make the actuallysparse cell (the second) meet ``fault``; the dense cell before it finishes."""
+    import errno
+
+    import torch
+
+    from comparison import files
+
+    if fault == "torch_short_write":  # what torch.save raises when the disk fills mid-file
+        real_save, calls = torch.save, []
+
+        def save(payload, path, *args, **kwargs):
+            if str(path).endswith("state_dict.pt"):
+                calls.append(path)
+                if len(calls) > 2:  # the dense cell saves two checkpoints (steps 0 and 1)
+                    raise RuntimeError(_SHORT_WRITE)
+            return real_save(payload, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(files, "free_bytes", lambda directory: 0)
+        return "no space left on device writing", "state_dict.pt"
+    if fault == "read_only":
+        real_checkpoint = runner.checkpoint_bytes
+
+        def checkpoint(model, directory):
+            if any("Sparse" in type(module).__name__ for module in model.modules()):
+                raise OSError(errno.EROFS, "Read-only file system", str(directory / "x.pt"))
+            return real_checkpoint(model, directory)
+
+        monkeypatch.setattr(runner, "checkpoint_bytes", checkpoint)
+        return "read-only file system writing", "x.pt"
+    # A plain write with no file name in its error (as Python's own writes raise it), failing for
+    # the cell and again for results.csv in the clean-up: the first error must be the one named.
+    def full_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and ("actuallysparse" in str(file) or "results.csv" in str(file)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(records, "open", full_open, raising=False)
+    return "no space left on device writing", "cells/actuallysparse__sparsity-0.9__seed-0.csv"
+
+
+@pytest.mark.parametrize("fault", ["torch_short_write", "read_only", "write_without_a_path"])
+def test_a_machine_fault_stops_the_run_records_nothing_and_the_same_command_completes(
+        finished, tmp_path, monkeypatch, capsys, fault):
+    out = tmp_path / "run"
+    words, where = _fault_the_second_cell(monkeypatch, fault)
+    assert run_tiny(out) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and words in error and where in error, error
+    assert "results.csv" not in error  # the clean-up's own failure does not hide the first error
+    assert "run the same command again" in error
+    # Nothing is recorded as failed, nothing half-written stays, the finished cell is kept.
+    cells = sorted(path.name for path in (out / records.CELLS_DIR).glob("*.csv"))
+    assert cells == ["dense__sparsity-0__seed-0.csv"]
+    assert records.cell_status(out, records.Cell("dense", 0.0, 0), records.read_rows(out / "cells" / cells[0])[0]
+                               ["run_id"]) == "finished"
+    assert not list(out.rglob("*.tmp")) and not list(out.glob(".scratch-*")) and not (out / ".lock").exists()
+    monkeypatch.undo()
+    assert run_tiny(out) == 0  # the disk is fixed: the plain command completes the table
+    assert deterministic(out) == deterministic(finished)
+
+
+def test_torch_s_short_write_becomes_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from comparison import files
+
+    def short_write(payload, path, *args, **kwargs):
+        raise RuntimeError(_SHORT_WRITE)
+
+    monkeypatch.setattr(torch, "save", short_write)
+    target = tmp_path / "baseline.pt"
+    for free, expected in ((0, errno.ENOSPC), (1 << 40, errno.EIO)):
+        monkeypatch.setattr(files, "free_bytes", lambda directory: free)
+        with pytest.raises(files.MachineFaultError) as raised:
+            files.save_torch_atomic({"x": 1}, target)
+        assert raised.value.errno == expected and str(target) in str(raised.value)
+        assert not list(tmp_path.iterdir())  # no partial file left to trust
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not a disk problem")))
+    with pytest.raises(RuntimeError, match="not a disk problem"):
+        files.save_torch(1, target)
+
+
+def test_a_node_s_full_disk_under_ray_is_not_a_cell_result():
+    import errno
+
+    from comparison.files import MachineFaultError
+    from comparison.ray_executor import RayCluster
+
+    class TaskError(Exception):
+        cause = OSError(errno.ENOSPC, "No space left on device", "/tmp/comparison-cell-x/state_dict.pt")
+
+    class FakeRay:
+        @staticmethod
+        def get(ref):
+            raise TaskError("task failed")
+
+    environment = {key: "x" for key in records.ENVIRONMENT_COLUMNS}
+    with pytest.raises(MachineFaultError, match="no space left on device writing /tmp/comparison-cell-x"):
+        RayCluster._rows(FakeRay, None, records.Cell("dense", 0.0, 0), environment)
+
+
+# ------------------------------------------------------------------ a read-only results directory
+def _snapshot(directory):
+    return {path: path.read_bytes() if path.is_file() else None for path in directory.rglob("*")}
+
+
+def _read_only(monkeypatch, directory):
+    # Tests run as root, for whom permissions do not stop writes: the code asks os.access, which
+    # says "not writable" on a read-only file system even to root.
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve().is_relative_to(directory.resolve()):
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_plot_of_a_read_only_directory_draws_what_verifies_and_changes_nothing(damaged, tmp_path, monkeypatch,
+                                                                              capsys):
+    cell = _cell(damaged)
+    content = cell.read_bytes()
+    cell.write_bytes(content[:100] + bytes([content[100] ^ 4]) + content[101:])
+    table = damaged / records.RESULTS_FILE
+    table.write_text(table.read_text()[:200])
+    before = _snapshot(damaged)
+    _read_only(monkeypatch, damaged)
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["plot", str(damaged), "--out", str(elsewhere)]) == 0
+    captured = capsys.readouterr()
+    assert str(cell) in captured.out and "left in place" in captured.out, captured.out
+    assert "| dense |" in captured.out  # the verified cell is summarised
+    assert list(elsewhere.glob("*.png"))
+    assert _snapshot(damaged) == before
+    # Without --out the plots would go into the read-only tree: one line says so.
+    assert main(["plot", str(damaged)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot write the plots" in error and "--out" in error, error
+    assert _snapshot(damaged) == before
