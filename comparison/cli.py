@@ -9,12 +9,15 @@ the same names.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from comparison.config import (
     DATASETS,
@@ -120,6 +123,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="if another run holds --out, wait up to this long for it (default: refuse at once)")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the lock of --out held by a run on another host, which this one cannot "
+                             "check; only after making sure that run is gone")
 
 
 def _run_main(args: argparse.Namespace) -> int:
@@ -127,7 +133,7 @@ def _run_main(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = run(config, retry_failed=args.retry_failed, progress=not args.no_progress,
-                 make_plots=not args.no_plots, wait_s=args.wait)
+                 make_plots=not args.no_plots, wait_s=args.wait, break_lock=args.break_lock)
     return 1 if result.failed else 0
 
 
@@ -192,17 +198,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler, ``timeout``, ``docker stop``): the run unwinds as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the body runs, SIGTERM raises :class:`Terminated` in the main thread, so that a run
+    keeps its finished cells, rebuilds ``results.csv``, removes its lock and scratch files and
+    ends its child processes, as on Ctrl-C. The previous handler is restored afterwards.
+
+    Installed by :func:`main` only: importing a module changes no signal handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller's thread keeps the process's own
+        return
+    received = False
+
+    def unwind(signum, frame) -> None:
+        nonlocal received
+        if received:
+            return  # a repeated SIGTERM must not interrupt the clean-up of the first
+        received = True
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the process exit status.
 
     Every error the command can meet ends as one line on stderr (what was given, what was
     expected, what to do) and exit status 2; ``COMPARISON_TRACEBACK=1`` shows the traceback
-    instead. Ctrl-C exits with 130; finished cells are kept.
+    instead. Ctrl-C exits with 130 and SIGTERM with 143, each with one line; finished cells are
+    kept, and the lock and scratch files removed.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with sigterm_unwinds():
+            return args.handler(args)
+    except Terminated:
+        print(f"{parser.prog} {args.command}: terminated (SIGTERM): finished cells are saved; run the same "
+              f"command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
         return 130

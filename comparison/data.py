@@ -39,6 +39,18 @@ CIFAR_LAYOUT = {
 }
 # Every data set the harness reads: the embedded one first (the default), then the CIFAR ones.
 DATASETS = ("digits",) + tuple(CIFAR_LAYOUT)
+DIGITS_NUM_CLASSES = 10
+
+
+def num_classes(dataset: str) -> int:
+    """How many classes ``dataset`` has (one of :data:`DATASETS`)."""
+    if dataset == "digits":
+        return DIGITS_NUM_CLASSES
+    if dataset not in CIFAR_LAYOUT:
+        raise ValueError(f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASETS)}")
+    return CIFAR_LAYOUT[dataset]["num_classes"]
+
+
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -148,9 +160,8 @@ def load_digits() -> Dataset:
         np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=bunch.target
     )
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return Dataset(
-        "digits", ImageSplit(images[train_idx], labels[train_idx]), ImageSplit(images[test_idx], labels[test_idx]), 10
-    )
+    return Dataset("digits", ImageSplit(images[train_idx], labels[train_idx]),
+                   ImageSplit(images[test_idx], labels[test_idx]), DIGITS_NUM_CLASSES)
 
 
 def load_cifar(name: str, data_dir: str | Path, *, download: bool = False, verify_checksums: bool = True) -> Dataset:

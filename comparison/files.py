@@ -219,7 +219,13 @@ class DirectoryLock:
 
     The lock is a file ``.lock`` holding the owner's host, pid and start time. A lock whose
     process is gone (same host, pid not running) is stale: it is taken over. A live owner makes
-    :meth:`acquire` raise :class:`DirectoryBusyError` naming it, or wait with ``wait_s``.
+    :meth:`acquire` raise :class:`DirectoryBusyError` naming it, or wait with ``wait_s``. An
+    owner on another host (a shared file system) cannot be checked from here: it counts as
+    live unless ``break_lock`` is set, which the user passes after making sure it is gone.
+
+    Attributes:
+        took_over: the owner of a lock that was taken over (stale, or broken), else ``None``.
+        broke: True when that lock was taken over by ``break_lock`` rather than found stale.
 
     Example::
 
@@ -227,12 +233,15 @@ class DirectoryLock:
         ...     ...  # write cells
     """
 
-    def __init__(self, directory: str | Path, *, wait_s: float = 0.0, poll_s: float = 1.0) -> None:
+    def __init__(self, directory: str | Path, *, wait_s: float = 0.0, poll_s: float = 1.0,
+                 break_lock: bool = False) -> None:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self.wait_s = wait_s
         self.poll_s = poll_s
+        self.break_lock = break_lock
         self.took_over: dict | None = None
+        self.broke = False
 
     def owner(self) -> dict | None:
         """The recorded owner of the lock, or ``None`` when unlocked (an unreadable lock counts as stale)."""
@@ -244,10 +253,14 @@ class DirectoryLock:
             return {"pid": -1, "host": "?", "unreadable": True}
 
     @staticmethod
-    def _alive(owner: dict) -> bool:
+    def _on_this_host(owner: dict) -> bool:
+        return owner.get("host") == socket.gethostname()
+
+    @classmethod
+    def _alive(cls, owner: dict) -> bool:
         if owner.get("unreadable"):
             return False
-        if owner.get("host") != socket.gethostname():
+        if not cls._on_this_host(owner):
             return True  # cannot check another host's processes: assume it is running
         pid = int(owner.get("pid", -1))
         if pid <= 0:
@@ -259,6 +272,20 @@ class DirectoryLock:
         except PermissionError:
             return True
         return True
+
+    def _busy_error(self, owner: dict) -> DirectoryBusyError:
+        held = (f"{self.directory} is in use by process {owner.get('pid')} on {owner.get('host')} "
+                f"(since {owner.get('since')})")
+        if not self._on_this_host(owner):
+            return DirectoryBusyError(
+                f"{held}, another host: this one ({socket.gethostname()}) cannot check whether that process "
+                f"still runs. If it does, wait for it (--wait SECONDS queues behind it); if you have made sure "
+                f"it is gone, run again with --break-lock to take the lock over")
+        if self.break_lock:
+            return DirectoryBusyError(f"{held}, and that process is still running on this host; --break-lock "
+                                      f"takes over only a lock whose owner is gone: stop process "
+                                      f"{owner.get('pid')} or wait for it")
+        return DirectoryBusyError(f"{held}; wait for it to finish, or pass --wait to queue behind it")
 
     def acquire(self) -> "DirectoryLock":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -276,15 +303,13 @@ class DirectoryLock:
                 owner = self.owner()
                 if owner is None:
                     continue  # released between our two calls
-                if not self._alive(owner):
-                    self.took_over = owner
+                stale = not self._alive(owner)
+                if stale or (self.break_lock and not self._on_this_host(owner)):
+                    self.took_over, self.broke = owner, not stale
                     self.path.unlink(missing_ok=True)
                     continue
                 if time.monotonic() >= deadline:
-                    raise DirectoryBusyError(
-                        f"{self.directory} is in use by process {owner.get('pid')} on {owner.get('host')} "
-                        f"(since {owner.get('since')}); wait for it to finish, or pass --wait to queue behind it"
-                    ) from None
+                    raise self._busy_error(owner) from None
                 time.sleep(self.poll_s)
             else:
                 return self
@@ -293,11 +318,17 @@ class DirectoryLock:
 
     def release(self) -> None:
         owner = self.owner()
-        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        if owner and owner.get("pid") == os.getpid() and self._on_this_host(owner):
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()
 
-    def __exit__(self, *exc_info) -> None:
-        self.release()
+    def __exit__(self, error_type, *rest) -> None:
+        if error_type is None:
+            self.release()
+            return
+        # Leaving on an error: a disk that failed the run may fail this too, and the run's own
+        # error is the one to report (a lock left behind is stale, and the next run takes it over).
+        with contextlib.suppress(OSError):
+            self.release()

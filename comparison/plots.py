@@ -32,6 +32,7 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     final = final_values(table)
     written = []
     for name, draw in (
+        ("overview.png", lambda: plot_overview(final)),
         ("accuracy_vs_sparsity.png", lambda: plot_accuracy_vs_sparsity(final)),
         ("latency_vs_sparsity.png", lambda: plot_latency_vs_sparsity(final, latency_batch_sizes(table))),
         ("stored_bytes_vs_sparsity.png", lambda: plot_bytes_vs_sparsity(final)),
@@ -112,6 +113,31 @@ def _sparsity_axis(axis, final: pd.DataFrame) -> None:
     axis.set_xlim(low / (low + (1 - low) * 1.5), 1 - (1 - high) / 1.5)
     axis.set_xticks(targets, [f"{t:g}" for t in targets])
     axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_overview(final: pd.DataFrame):
+    """The trade-off in one figure: accuracy, measured training-step speedup and bytes held, each
+    against target sparsity, every method in the same colours (mean and 95 % interval over seeds)."""
+    panels = [("test_accuracy", 1.0, "test accuracy", "Accuracy", False),
+              ("measured_speedup_train_step", 1.0, "dense step time ÷ method's (>1: faster)",
+               "Training-step speedup, whole model", False),
+              ("stored_bytes", MIB, "MiB held by the model (every tensor once)", "Bytes held", True)]
+    figure, axes = plt.subplots(1, 3, figsize=(17.0, 4.6))
+    drawn = False
+    for axis, (metric, scale, label, title, log) in zip(axes, panels):
+        drawn |= _against_sparsity(axis, final, metric, scale=scale)
+        if log:
+            axis.set_yscale("log")
+        axis.set_ylabel(label)
+        axis.set_title(title)
+    if not drawn:
+        plt.close(figure)
+        return None
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), bbox_to_anchor=(0.5, -0.04),
+                  frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    return figure
 
 
 def plot_accuracy_vs_sparsity(final: pd.DataFrame):

@@ -428,6 +428,7 @@ def run(
     make_plots: bool = True,
     echo: Callable[[str], None] = print,
     wait_s: float = 0.0,
+    break_lock: bool = False,
 ) -> RunResult:
     """Run every planned cell of ``config`` not finished yet, then write the table, summary and plots.
 
@@ -442,6 +443,8 @@ def run(
         make_plots: draw the PNG plots at the end.
         echo: where to print the configuration, warnings and the summary.
         wait_s: how long to wait for another run holding the directory (default: refuse at once).
+        break_lock: take over a lock held by a process on another host, which this one cannot
+            check (the user has made sure it is gone).
 
     Returns:
         A :class:`RunResult`.
@@ -458,17 +461,20 @@ def run(
     try:
         echo(config.describe())
         return _run_locked(plan, data, cluster, retry_failed=retry_failed, progress=progress,
-                           make_plots=make_plots, echo=echo, wait_s=wait_s)
+                           make_plots=make_plots, echo=echo, wait_s=wait_s, break_lock=break_lock)
     finally:
         if cluster is not None:
             cluster.close()
 
 
 def _run_locked(plan: RunPlan, data: Dataset, cluster, *, retry_failed: bool, progress: bool, make_plots: bool,
-                echo: Callable[[str], None], wait_s: float) -> RunResult:
+                echo: Callable[[str], None], wait_s: float, break_lock: bool) -> RunResult:
     config = plan.config
-    with DirectoryLock(plan.out_dir, wait_s=wait_s) as lock:
-        if lock.took_over:
+    with DirectoryLock(plan.out_dir, wait_s=wait_s, break_lock=break_lock) as lock:
+        if lock.broke:
+            echo(f"note: took over the lock of {plan.out_dir} held by process {lock.took_over.get('pid')} on "
+                 f"{lock.took_over.get('host')} (--break-lock)")
+        elif lock.took_over:
             echo(f"note: took over the lock of {plan.out_dir} left by process {lock.took_over.get('pid')}, "
                  f"which is gone")
         for path in remove_stale_temporaries(plan.out_dir):

@@ -8,7 +8,9 @@ import re
 import pandas as pd
 
 from actuallysparse.memory import MIB
+from comparison.data import num_classes
 from comparison.records import FAILED_METRIC
+
 _LATENCY = re.compile(r"^latency_batch(\d+)_ms$")
 
 
@@ -124,6 +126,36 @@ def _columns(batch_sizes: list[int]) -> list[tuple[str, str, float, int]]:
     return columns
 
 
+# A test loss within this fraction of ln(classes) means the outputs are nearly uniform: whatever the
+# accuracy reads (argmax of almost-equal logits can still be right often), the model says little.
+NEAR_UNIFORM_FRACTION = 0.05
+
+
+def near_uniform_cells(final: pd.DataFrame) -> pd.DataFrame:
+    """Cells (``method, target_sparsity, seed, test_loss, uniform_loss``) whose final test loss is
+    within :data:`NEAR_UNIFORM_FRACTION` of ``ln(number of classes)``, the loss of uniform outputs."""
+    losses = final[final["metric"] == "test_loss"]
+    columns = ["method", "target_sparsity", "seed", "test_loss", "uniform_loss"]
+    if losses.empty:
+        return pd.DataFrame(columns=columns)
+    uniform = losses["dataset"].map(lambda name: math.log(num_classes(name)))
+    near = (losses["value"] - uniform).abs() <= NEAR_UNIFORM_FRACTION * uniform
+    flagged = losses[near].assign(test_loss=losses["value"], uniform_loss=uniform)
+    return flagged[columns].sort_values(["target_sparsity", "method", "seed"]).reset_index(drop=True)
+
+
+def near_uniform_lines(final: pd.DataFrame) -> list[str]:
+    """One line per (target, method) with near-uniform outputs, naming the seeds; none if no cell is."""
+    flagged = near_uniform_cells(final)
+    lines = []
+    for (target, method), rows in flagged.groupby(["target_sparsity", "method"], sort=True):
+        seeds = ", ".join(str(seed) for seed in rows["seed"])
+        lines.append(f"- Outputs near uniform: {method} @ {target:g} (seed {seeds}): test loss "
+                     f"{rows['test_loss'].mean():.2f} is within {NEAR_UNIFORM_FRACTION:.0%} of ln(classes) = "
+                     f"{rows['uniform_loss'].iloc[0]:.2f}, whatever its accuracy reads.")
+    return lines
+
+
 def summary_markdown(table: pd.DataFrame) -> str:
     """A markdown summary: for each target sparsity, every method's final values beside dense's.
 
@@ -143,6 +175,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
     methods = list(dict.fromkeys(table["method"]))
     targets = sorted(t for t in final["target_sparsity"].unique() if t > 0) or [0.0]
     references = {method for method in methods if is_reference(final, method)}
+    uniform = near_uniform_cells(final)
+    flagged = set(zip(uniform["method"], uniform["target_sparsity"]))
     for target in targets:
         for method in methods:
             method_target = 0.0 if method in references else target
@@ -154,7 +188,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
             if all(cell == "–" for cell in cells):
                 continue
             label = "(reference)" if method in references else f"{target:g}"
-            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+            name = f"{method} (outputs near uniform)" if (method, method_target) in flagged else method
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     seeds = sorted(table["seed"].unique())
     run_ids = ", ".join(sorted(map(str, table["run_id"].unique())))
     meta = table.iloc[0]
@@ -167,6 +202,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
         *lines,
         "",
         *accuracy_verdicts(final, targets, references),
+        *near_uniform_lines(final),
     ]
     if note := mixed_nodes_note(table):
         parts += ["", note]

@@ -67,8 +67,17 @@ def test_help_lists_commands_and_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--dataset", "--data-dir", "--methods", "--sparsities", "--seeds", "--width", "--pretrain-epochs",
                  "--steps", "--epochs-per-step", "--batch-size", "--limit-train", "--limit-test", "--device",
-                 "--out", "--config", "--scope", "--init"):
+                 "--out", "--config", "--scope", "--init", "--break-lock"):
         assert flag in text
+
+
+def test_importing_the_harness_leaves_sigterm_alone():
+    """The SIGTERM handler is the command line's, installed while a command runs (not on import)."""
+    probe = ("import signal, comparison.cli, comparison.runner, comparison.files; "
+             "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    assert completed.stdout.split()[-1] == "True"
 
 
 @pytest.mark.slow

@@ -104,8 +104,9 @@ def test_plot_all_from_a_saved_table(saved_table):
     table = records.load_table(saved_table)
     paths = plot_all(table, saved_table / "plots")
     names = {p.name for p in paths}
-    assert names == {"accuracy_vs_sparsity.png", "latency_vs_sparsity.png", "stored_bytes_vs_sparsity.png",
-                     "accuracy_vs_bytes.png", "training_curves.png"}  # no speedup metrics in this table
+    assert names == {"overview.png", "accuracy_vs_sparsity.png", "latency_vs_sparsity.png",
+                     "stored_bytes_vs_sparsity.png", "accuracy_vs_bytes.png", "training_curves.png"}
+    # no speedup metrics in this table
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
@@ -114,7 +115,7 @@ def test_plot_command_redraws_from_a_directory(saved_table, capsys):
     assert main(["plot", str(saved_table)]) == 0
     output = capsys.readouterr().out
     assert "| 0.9 | nni |" in output
-    assert len(list((saved_table / "plots").glob("*.png"))) == 5
+    assert len(list((saved_table / "plots").glob("*.png"))) == 6
 
 
 def test_plot_command_on_a_missing_directory_fails_clearly(tmp_path, capsys):
@@ -125,4 +126,40 @@ def test_plot_command_on_a_missing_directory_fails_clearly(tmp_path, capsys):
 def test_plots_skip_what_the_table_lacks(tmp_path):
     only_dense = [row for row in synthetic_rows() if row["method"] == "dense" and row["metric"] == "test_accuracy"]
     paths = plot_all(pd.DataFrame(only_dense), tmp_path)
-    assert {p.name for p in paths} == {"accuracy_vs_sparsity.png", "training_curves.png"}
+    assert {p.name for p in paths} == {"overview.png", "accuracy_vs_sparsity.png", "training_curves.png"}
+
+
+def test_overview_has_accuracy_speedup_and_bytes_panels():
+    from comparison.plots import plot_overview
+
+    rows = synthetic_rows()
+    rows += [make_row(Cell("actuallysparse", t, seed), 2, "measured_speedup_train_step", 1.5 + t, "ratio", "", ENV)
+             for t in (0.9, 0.99) for seed in (0, 1)]
+    figure = plot_overview(final_values(pd.DataFrame(rows)))
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles == ["Accuracy", "Training-step speedup, whole model", "Bytes held"]
+    # the speedup panel holds the one method that has the metric, at both targets
+    lines = [line for line in figure.axes[1].get_lines() if len(line.get_xdata()) == 2]
+    assert any(list(line.get_ydata()) == [2.4, 2.49] for line in lines)
+
+
+def _loss_rows(losses):
+    """Final-step test losses of (method, target, seed) cells, digits (10 classes)."""
+    return [make_row(Cell(method, target, seed), 1, metric, value, "x", "", ENV)
+            for (method, target, seed), loss in losses.items()
+            for metric, value in (("test_loss", loss), ("test_accuracy", 0.9))]
+
+
+def test_summary_flags_outputs_near_uniform_whatever_the_accuracy():
+    import math
+
+    uniform = math.log(10)
+    rows = _loss_rows({("random", 0.98, 0): uniform * 0.97, ("random", 0.98, 1): uniform * 1.04,
+                       ("actuallysparse", 0.98, 0): uniform * 0.94, ("actuallysparse", 0.9, 0): 0.05})
+    text = summary_markdown(pd.DataFrame(rows))
+    assert "| 0.98 | random (outputs near uniform) |" in text
+    assert "| 0.98 | actuallysparse |" in text      # 6 % below ln 10: not flagged
+    assert "| 0.9 | actuallysparse |" in text
+    assert ("- Outputs near uniform: random @ 0.98 (seed 0, 1): test loss 2.31 is within 5% of "
+            "ln(classes) = 2.30, whatever its accuracy reads.") in text
+    assert text.count("Outputs near uniform") == 1

@@ -391,6 +391,104 @@ def test_a_node_s_full_disk_under_ray_is_not_a_cell_result():
         RayCluster._rows(FakeRay, None, records.Cell("dense", 0.0, 0), environment)
 
 
+# ------------------------------------------------------------------ SIGTERM
+def _lock_scratch_and_temporaries(out):
+    return [(out / ".lock")] * (out / ".lock").exists() + list(out.glob(".scratch-*")) + list(out.rglob("*.tmp"))
+
+
+def test_sigterm_keeps_finished_cells_ends_the_child_and_restores_the_handler(
+        finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    pid_file = tmp_path / "child.pid"
+    # The memory probe's child: the real one for the first cell, then one that writes its pid and hangs.
+    hanging = tmp_path / "hanging-python"
+    hanging.write_text(f"#!/bin/sh\nif [ ! -e {tmp_path}/probed ]; then touch {tmp_path}/probed; "
+                       f"exec {sys.executable} \"$@\"; fi\necho $$ > {pid_file}\nexec sleep 60\n")
+    hanging.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hanging))
+
+    def terminate_when_the_child_runs():
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_the_child_runs, daemon=True).start()
+    assert run_tiny(out, "--probe-memory", "true") == 143
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "terminated (SIGTERM)" in error, error
+    assert signal.getsignal(signal.SIGTERM) == before
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert _lock_scratch_and_temporaries(out) == []
+    # The dense cell (the first) finished before the probe of the second hung; the table holds it.
+    table = records.read_rows(out / records.RESULTS_FILE)
+    assert {row["method"] for row in table} == {"dense"}
+    monkeypatch.undo()
+    assert run_tiny(out, "--probe-memory", "true") == 0  # the same command resumes
+    assert deterministic(out) == deterministic(finished)
+
+
+@pytest.mark.slow
+def test_a_real_sigterm_to_a_running_command(tmp_path):
+    out = tmp_path / "run"
+    victim = _spawn(out)
+    deadline = time.monotonic() + 120
+    while not list((out / records.CELLS_DIR).glob(f"*{records.MANIFEST_SUFFIX}")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    _, error = victim.communicate(timeout=120)
+    assert victim.returncode == 143, error.decode()[-2000:]
+    assert error.decode().strip().count("\n") == 0 and "terminated (SIGTERM)" in error.decode()
+    assert _lock_scratch_and_temporaries(out) == []
+    verified = records.collect_cells(out, records_cells := [records.Cell(m, t, 0) for m, t in
+                                                           (("dense", 0.0), ("actuallysparse", 0.9),
+                                                            ("torch-prune", 0.9))])
+    assert verified and records._canonical(records.read_rows(out / records.RESULTS_FILE)) == \
+        records._canonical(verified)
+    # No child of the run (the memory probe reads a model under the run's scratch folder) is left.
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert str(out) not in cmdline.read_bytes().decode(errors="replace"), cmdline
+        except OSError:
+            pass
+    resumed = _spawn(out)
+    _, error = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, error.decode()[-2000:]
+    assert len(records.collect_cells(out, records_cells)) > len(verified)
+
+
+# ------------------------------------------------------------------ a lock held from another host
+def test_a_lock_from_another_host_says_how_to_take_it_over(damaged, capsys):
+    (damaged / ".lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere-node", "since": "then"}))
+    assert run_tiny(damaged) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "process 4242 on elsewhere-node" in error and "--break-lock" in error, error
+    assert json.loads((damaged / ".lock").read_text())["host"] == "elsewhere-node"  # left as it was
+    assert run_tiny(damaged, "--break-lock") == 0
+    assert "held by process 4242 on elsewhere-node (--break-lock)" in capsys.readouterr().out
+    assert not (damaged / ".lock").exists()
+
+
+def test_break_lock_does_not_take_the_lock_of_a_live_process_on_this_host(damaged, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (damaged / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                                   "since": "now"}))
+        assert run_tiny(damaged, "--break-lock") == 2
+        error = capsys.readouterr().err
+        assert f"process {sleeper.pid}" in error and "still running on this host" in error, error
+        assert json.loads((damaged / ".lock").read_text())["pid"] == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ------------------------------------------------------------------ a read-only results directory
 def _snapshot(directory):
     return {path: path.read_bytes() if path.is_file() else None for path in directory.rglob("*")}
