@@ -126,14 +126,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--break-lock", action="store_true",
                         help="take over the lock of --out held by a run on another host, which this one cannot "
                              "check; only after making sure that run is gone")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory one cell may use, e.g. 8GiB (default: what this machine has available); "
+                             "settings estimated to need more are refused before any work")
 
 
 def _run_main(args: argparse.Namespace) -> int:
+    from comparison.footprint import parse_size
     from comparison.runner import run
 
     config = config_from_args(args)
+    max_memory_bytes = parse_size(args.max_memory) if args.max_memory is not None else None
     result = run(config, retry_failed=args.retry_failed, progress=not args.no_progress,
-                 make_plots=not args.no_plots, wait_s=args.wait, break_lock=args.break_lock)
+                 make_plots=not args.no_plots, wait_s=args.wait, break_lock=args.break_lock,
+                 max_memory_bytes=max_memory_bytes)
     return 1 if result.failed else 0
 
 

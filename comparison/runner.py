@@ -31,6 +31,7 @@ from comparison.config import RUN_ID_EXCLUDES, RunConfig
 from comparison.data import Dataset, derive_seed, load_dataset
 from comparison.device import resolve_device
 from comparison.environment import available_cores, environment_columns
+from comparison.footprint import check_memory
 from comparison.files import (
     DirectoryLock,
     is_machine_fault,
@@ -370,15 +371,22 @@ class RunPlan:
         return [cell for cell in self.cells if self.statuses[cell] in again]
 
 
-def plan_run(config: RunConfig) -> RunPlan:
+def plan_run(config: RunConfig, *, max_memory_bytes: int | None = None) -> RunPlan:
     """Check everything a run needs before it touches its directory, and list its cells.
 
+    Args:
+        max_memory_bytes: the memory one cell may use (``--max-memory``); default: what this
+            machine has available (:func:`comparison.footprint.check_memory`).
+
     Raises:
-        ValueError: a bad device, an ``--init`` file that does not load into the model, a
-            results directory (or file) of other settings, an unreadable ``config.json``.
+        ValueError: a bad device, a width or batch size whose estimated memory does not fit, an
+            ``--init`` file that does not load into the model, a results directory (or file) of
+            other settings, an unreadable ``config.json``.
     """
     # Under Ray the cells compute on the workers' devices; the driver may have no GPU.
     device = torch.device(config.device) if config.executor == "ray" else resolve_device(config.device)
+    # Before anything is built: a model too large for the machine would take minutes to fail.
+    check_memory(config, _num_classes(config), max_memory_bytes)
     if config.init:
         load_init(build_model(config, _num_classes(config), seed=0), config.init)
     check_out_dir(config)
@@ -389,6 +397,19 @@ def plan_run(config: RunConfig) -> RunPlan:
 
 def _num_classes(config: RunConfig) -> int:
     return 100 if config.dataset == "cifar100" else 10
+
+
+def check_batch_size(config: RunConfig, train_samples: int) -> None:
+    """Refuse a batch larger than the training set: it would never fill, yet the synthetic
+    batches of the timing measurements would be made at that size.
+
+    Raises:
+        ValueError: ``config.batch_size`` exceeds ``train_samples``.
+    """
+    if config.batch_size > train_samples:
+        limit = f" (--limit-train {config.limit_train})" if config.limit_train else ""
+        raise ValueError(f"batch size {config.batch_size} is larger than the training set: {config.dataset} has "
+                         f"{train_samples} training samples{limit}; use --batch-size {train_samples} or less")
 
 
 def check_out_dir(config: RunConfig) -> None:
@@ -429,6 +450,7 @@ def run(
     echo: Callable[[str], None] = print,
     wait_s: float = 0.0,
     break_lock: bool = False,
+    max_memory_bytes: int | None = None,
 ) -> RunResult:
     """Run every planned cell of ``config`` not finished yet, then write the table, summary and plots.
 
@@ -445,30 +467,36 @@ def run(
         wait_s: how long to wait for another run holding the directory (default: refuse at once).
         break_lock: take over a lock held by a process on another host, which this one cannot
             check (the user has made sure it is gone).
+        max_memory_bytes: the memory one cell may use; default: what this machine has available.
 
     Returns:
         A :class:`RunResult`.
 
     Raises:
-        ValueError: invalid settings, a results directory of other settings, a bad device or
-            ``--init``; DirectoryBusyError: another live run holds the directory;
-            DatasetNotFoundError: the data set is missing.
+        ValueError: invalid settings, settings too large for the memory, a batch larger than the
+            training set, a results directory of other settings, a bad device or ``--init``;
+            DirectoryBusyError: another live run holds the directory; DatasetNotFoundError: the
+            data set is missing; MachineFaultError: a full, read-only or failing disk (nothing is
+            recorded for the cell it interrupted; the same command resumes once it is fixed).
     """
-    plan = plan_run(config)
+    plan = plan_run(config, max_memory_bytes=max_memory_bytes)
     data = load_dataset(config.dataset, config.data_dir, download=config.download,
                         limit_train=config.limit_train, limit_test=config.limit_test)
+    check_batch_size(config, len(data.train))
     cluster = connect_executor(config, echo=echo)  # refuses a bad address or resources before any write
     try:
         echo(config.describe())
         return _run_locked(plan, data, cluster, retry_failed=retry_failed, progress=progress,
-                           make_plots=make_plots, echo=echo, wait_s=wait_s, break_lock=break_lock)
+                           make_plots=make_plots, echo=echo, wait_s=wait_s, break_lock=break_lock,
+                           max_memory_bytes=max_memory_bytes)
     finally:
         if cluster is not None:
             cluster.close()
 
 
 def _run_locked(plan: RunPlan, data: Dataset, cluster, *, retry_failed: bool, progress: bool, make_plots: bool,
-                echo: Callable[[str], None], wait_s: float, break_lock: bool) -> RunResult:
+                echo: Callable[[str], None], wait_s: float, break_lock: bool,
+                max_memory_bytes: int | None) -> RunResult:
     config = plan.config
     with DirectoryLock(plan.out_dir, wait_s=wait_s, break_lock=break_lock) as lock:
         if lock.broke:
@@ -480,7 +508,8 @@ def _run_locked(plan: RunPlan, data: Dataset, cluster, *, retry_failed: bool, pr
         for path in remove_stale_temporaries(plan.out_dir):
             echo(f"note: removed {path}, left by an interrupted run")
         records.verified_cell_paths(plan.out_dir, echo)
-        plan = plan_run(config)  # again under the lock: another run may have finished cells meanwhile
+        # Again under the lock: another run may have finished cells meanwhile.
+        plan = plan_run(config, max_memory_bytes=max_memory_bytes)
         claim_out_dir(plan)
         environment = write_environment(plan, data)
         result = execute_cells(plan, data, environment, retry_failed=retry_failed, progress=progress, echo=echo,

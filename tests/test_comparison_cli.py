@@ -67,7 +67,7 @@ def test_help_lists_commands_and_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--dataset", "--data-dir", "--methods", "--sparsities", "--seeds", "--width", "--pretrain-epochs",
                  "--steps", "--epochs-per-step", "--batch-size", "--limit-train", "--limit-test", "--device",
-                 "--out", "--config", "--scope", "--init", "--break-lock"):
+                 "--out", "--config", "--scope", "--init", "--break-lock", "--max-memory"):
         assert flag in text
 
 
