@@ -96,9 +96,17 @@ class MemoryEstimate:
 
 
 def estimate_memory(config: RunConfig, num_classes: int) -> MemoryEstimate:
-    """The memory one cell of ``config`` holds at once, from the model's shapes alone."""
-    with torch.device("meta"):
-        model = VGG(num_classes, config.width)
+    """The memory one cell of ``config`` holds at once, from the model's shapes alone.
+
+    Raises:
+        ValueError: the width makes tensors too large for torch to describe at all.
+    """
+    try:
+        with torch.device("meta"):
+            model = VGG(num_classes, config.width)
+    except RuntimeError as error:  # torch cannot even size such tensors (more than 2**63 bytes)
+        raise ValueError(f"width {config.width:g} makes layers too large to exist ({error}); "
+                         f"use a smaller --width (1.0 is the real VGG11_bn)") from error
     parameters = sum(tensor.numel() for tensor in model.state_dict().values())
     trainable = sum(parameter.numel() for parameter in model.parameters())
     pruned = sum(model.get_submodule(name).weight.numel() for name in target_layer_names(model, config.scope))

@@ -62,6 +62,7 @@ def test_the_estimate_is_sane_for_the_default_and_the_real_model():
 @pytest.mark.parametrize("argv, words", [
     (["--width", "64"], ["width 64", "available on this machine", "--max-memory"]),
     (["--width", "64", "--max-memory", "8GiB"], ["width 64", "more than --max-memory 8.0 GiB"]),
+    (["--width", "1e9"], ["width 1e+09 makes layers too large to exist", "smaller --width"]),
     (["--max-memory", "1MiB"], ["more than --max-memory 1.0 MiB", "smaller --width or --batch-size"]),
     (["--max-memory", "plenty"], ["--max-memory 'plenty' is not a size"]),
     (["--batch-size", "100000", "--limit-train", "256"],
