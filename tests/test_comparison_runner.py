@@ -111,7 +111,7 @@ def test_run_writes_the_table_with_every_metric_per_step(finished_run):
     out = config.out_dir
     for name in ("config.json", "environment.json", "summary.md", "results.csv"):
         assert (out / name).is_file(), name
-    assert len(list((out / "plots").glob("*.png"))) == 6
+    assert len(list((out / "plots").glob("*.png"))) == 7
     assert len(list((out / "baselines").glob("*.pt"))) == 1
     environment = json.loads((out / "environment.json").read_text())
     assert environment["sparse_backend"] == functional.backend_name("cpu")
