@@ -37,7 +37,10 @@ _BASELINE_KEYS = (
 
 
 # Fields added after results directories existed: left out of the run id at their default.
-_COUNTED_WHEN_SET: dict[str, Any] = {"step_targets": [], "probe_memory": True}
+_COUNTED_WHEN_SET: dict[str, Any] = {"step_targets": [], "probe_memory": True, "bn_recalibration_batches": 0,
+                                     "probe_memory_seeds": 0}
+# The width of the default model, unless an --init checkpoint says otherwise.
+DEFAULT_WIDTH = 0.25
 
 
 class ConfigError(ValueError):
@@ -59,12 +62,16 @@ class RunConfig:
         dataset: one of ``digits`` (scikit-learn, embedded), ``cifar10``, ``cifar100``.
         data_dir: where the CIFAR files are (``cifar-10-batches-py/`` or ``cifar-100-python/``).
         download: allow torchvision to download CIFAR into ``data_dir`` when it is missing.
-        methods: methods to compare, any of ``dense, actuallysparse, nni, torch-prune``.
+        methods: methods to compare, any of :func:`~comparison.methods.available_methods`; the
+            default grid is :data:`DEFAULT_METHODS` (``dense, actuallysparse, nni, torch-prune,
+            nni-structured, random``); ``actuallysparse-orphaned`` and ``actuallysparse-coo`` are
+            variants kept for the thesis reproduction.
         sparsities: final target sparsities (fraction of zeros of the pruned layers), in (0, 1).
         seeds: one cell per (method, sparsity, seed); each seed has its own baseline.
         scope: ``classifier`` prunes the three Linear layers (the thesis's scope); ``all`` also
             prunes every Conv2d.
-        width: VGG channel multiplier; 1.0 is the real VGG11_bn.
+        width: VGG channel multiplier; 1.0 is the real VGG11_bn. ``None`` (the default) means
+            :data:`DEFAULT_WIDTH`, or the width of the ``init`` checkpoint when one is given.
         init: optional state-dict file for the baseline (PyTorch_CIFAR10 ``vgg11_bn.pt``);
             when given, no pretraining happens.
         pretrain_epochs: dense epochs that make the baseline.
@@ -84,6 +91,11 @@ class RunConfig:
         device: ``cpu`` or ``cuda``.
         threads: torch intra-op threads for training and timing; 0 means every available core.
         latency_repeats: timed repetitions per latency measurement (median reported).
+        probe_memory_seeds: probe only the cells of the first N seeds (0: every seed); the bytes
+            a model holds do not depend on its seed.
+        bn_recalibration_batches: after each step's fine-tuning, re-estimate every BatchNorm's
+            running statistics on this many training batches (the same batches for every
+            method; 0: keep the statistics training left).
         probe_memory: measure the peak memory of a fresh process that loads the model
             (``peak_rss_bytes``, ``model_rss_bytes``) at the last step of each cell (a method
             that never prunes: its one unpruned model); it costs a few seconds a cell.
@@ -113,7 +125,7 @@ class RunConfig:
     sparsities: tuple[float, ...] = (0.9, 0.97, 0.99)
     seeds: tuple[int, ...] = (0, 1, 2)
     scope: str = "classifier"
-    width: float = 0.25
+    width: float | None = None
     init: str | None = None
     pretrain_epochs: int = 4
     steps: int = 3
@@ -131,6 +143,8 @@ class RunConfig:
     threads: int = 0
     latency_repeats: int = 5
     probe_memory: bool = True
+    probe_memory_seeds: int = 0
+    bn_recalibration_batches: int = 0
     out: str | None = field(default=None, compare=False)
     experiment: str = "run"
     baseline_dir: str | None = None
@@ -145,6 +159,8 @@ class RunConfig:
         object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "step_targets", tuple(float(s) for s in self.step_targets))
+        if self.width is None:
+            object.__setattr__(self, "width", _init_width(self.init) if self.init else DEFAULT_WIDTH)
         self.validate()
 
     def validate(self) -> None:
@@ -182,6 +198,8 @@ class RunConfig:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("threads", self.threads, 0)
         _at_least("latency_repeats", self.latency_repeats, 1)
+        _at_least("probe_memory_seeds", self.probe_memory_seeds, 0)
+        _at_least("bn_recalibration_batches", self.bn_recalibration_batches, 0)
         _at_least("cpus_per_cell", self.cpus_per_cell, 0)
         if not (math.isfinite(self.gpus_per_cell) and self.gpus_per_cell >= 0):
             raise ConfigError(f"gpus_per_cell {self.gpus_per_cell} must be a number >= 0")
@@ -262,6 +280,8 @@ class RunConfig:
             if key not in known:
                 raise ConfigError(f"unknown config key {raw_key!r}; valid keys: {', '.join(sorted(known))}")
             changes[key] = _coerce(key, value)
+        if changes.get("init") and "width" not in changes:
+            changes["width"] = None  # read from the new checkpoint, not kept from base
         return dataclasses.replace(base, **changes)
 
     def describe(self) -> str:
@@ -303,6 +323,16 @@ def load_config_file(path: str | os.PathLike, base: RunConfig | None = None) -> 
     return RunConfig.from_mapping(values, base)
 
 
+def _init_width(path: str) -> float:
+    """The width of the model in an ``--init`` checkpoint, or :class:`ConfigError` saying why not."""
+    from comparison.models import checkpoint_width
+
+    try:
+        return checkpoint_width(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
 def _digest(values: Mapping[str, Any]) -> str:
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
@@ -328,6 +358,7 @@ _SCALAR_TYPES = {
     "width": float, "lr": float, "momentum": float, "weight_decay": float,
     "pretrain_epochs": int, "steps": int, "epochs_per_step": int, "batch_size": int,
     "threads": int, "latency_repeats": int, "limit_train": int, "limit_test": int,
+    "probe_memory_seeds": int, "bn_recalibration_batches": int,
     "cpus_per_cell": int, "gpus_per_cell": float,
 }
 

@@ -10,6 +10,7 @@ from torch import nn
 # Configuration "A" of Simonyan & Zisserman: numbers are conv output channels, "M" a 2x2 max-pool.
 VGG11_CHANNELS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 VGG11_HIDDEN = 4096
+VGG11_FIRST_CHANNELS = VGG11_CHANNELS[0]
 
 
 def scaled(channels: int, width: float) -> int:
@@ -111,16 +112,13 @@ def vgg11_bn(num_classes: int = 10, width: float = 1.0, seed: int | None = None)
         return VGG(num_classes, width)
 
 
-def load_init(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict (e.g. PyTorch_CIFAR10's ``vgg11_bn.pt``) into ``model`` in place.
-
-    Accepts a bare state dict or a checkpoint holding one under ``"state_dict"``
-    (PyTorch Lightning); a ``"model."`` prefix on every key is dropped.
+def read_init_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in an ``--init`` file: a bare state dict, or a checkpoint holding one under
+    ``"state_dict"`` (PyTorch Lightning); a ``"model."`` prefix on every key is dropped.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the keys or shapes do not match the model (e.g. a width-1.0, 10-class
-            file given to a model of another width or class count).
+        ValueError: the file is not a checkpoint that loads safely, or holds no state dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -137,6 +135,37 @@ def load_init(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"--init file {path} holds a {type(state).__name__}, expected a state dict")
     if state and all(key.startswith("model.") for key in state):
         state = {key[len("model."):]: value for key, value in state.items()}
+    return state
+
+
+def checkpoint_width(path: str | Path) -> float:
+    """The width multiplier of the VGG11_bn whose state dict is in ``path``, read from its first
+    convolution (64 output channels at width 1.0).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_init_state`, or the file holds no
+            ``features.0.weight`` of a VGG11_bn.
+    """
+    state = read_init_state(path)
+    first = state.get("features.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 4:
+        raise ValueError(f"--init file {path} has no features.0.weight of a VGG11_bn (a 4-D convolution weight), "
+                         f"so its width cannot be read; give --width explicitly")
+    return first.shape[0] / VGG11_FIRST_CHANNELS
+
+
+def load_init(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (e.g. PyTorch_CIFAR10's ``vgg11_bn.pt``) into ``model`` in place.
+
+    Accepts a bare state dict or a checkpoint holding one under ``"state_dict"``
+    (PyTorch Lightning); a ``"model."`` prefix on every key is dropped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the keys or shapes do not match the model (e.g. a width-1.0, 10-class
+            file given to a model of another width or class count).
+    """
+    state = read_init_state(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

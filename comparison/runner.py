@@ -62,6 +62,7 @@ from comparison.training import (
     evaluate,
     make_optimizer,
     pretrain,
+    recalibrate_batchnorm,
     train_epoch,
 )
 
@@ -104,6 +105,15 @@ def step_targets(config: RunConfig, target_sparsity: float) -> list[float]:
     if config.schedule == "explicit":
         return list(config.step_targets)
     return sparsity_schedule(target_sparsity, config.steps, config.schedule)
+
+
+def probes_memory(config: RunConfig, seed: int) -> bool:
+    """Whether the cells of ``seed`` measure a fresh process's peak memory: ``probe_memory`` is on
+    and ``seed`` is among the first ``probe_memory_seeds`` seeds of the run (all when 0). The
+    bytes a model holds do not depend on its seed; the probe costs a few seconds a cell."""
+    if not config.probe_memory:
+        return False
+    return not config.probe_memory_seeds or seed in sorted(config.seeds)[:config.probe_memory_seeds]
 
 
 def resolve_threads(config: RunConfig) -> int:
@@ -231,7 +241,8 @@ def run_cell(
     is raised as :class:`~comparison.files.MachineFaultError`, naming the path, and no row is kept.
 
     Step 0 measures the prepared, unpruned model; step ``t`` prunes to the schedule's ``t``-th
-    target, fine-tunes ``config.epochs_per_step`` epochs, then measures. Fine-tuning epoch
+    target, fine-tunes ``config.epochs_per_step`` epochs, re-estimates the BatchNorm statistics on
+    ``config.bn_recalibration_batches`` training batches (every method alike), then measures. Fine-tuning epoch
     ``e`` (counted across steps) uses batch order ``(seed, "finetune", e)`` for every method.
     """
     rows: list[dict[str, object]] = []
@@ -269,7 +280,11 @@ def run_cell(
                             device=device, on_batch=on_batch)
                 for index in range(config.epochs_per_step)
             ]
-            add(measure(model, optimizer, epochs, target, probe=step == len(schedule)))
+            if config.bn_recalibration_batches:
+                recalibrate_batchnorm(model, data.train, batches=config.bn_recalibration_batches,
+                                      batch_size=config.batch_size, seed=cell.seed, step=step, device=device)
+            add(measure(model, optimizer, epochs, target,
+                        probe=step == len(schedule) and probes_memory(config, cell.seed)))
             add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
             bar.update()
     except Exception as error:  # one cell's failure must not stop the run; its reason is recorded

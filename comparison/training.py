@@ -117,6 +117,42 @@ def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     return loss, (time.perf_counter() - start) * 1e3
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, split: ImageSplit, *, batches: int, batch_size: int, seed: int,
+                          step: int, device: torch.device | str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` training batches.
+
+    Pruning changes the activations each BatchNorm sees, while its running statistics (what
+    evaluation uses) are an exponential average over the last training batches of a model that
+    kept changing. The statistics are reset and recomputed as a plain average over the batches
+    of order ``(seed, "bn-recalibration", step)``, the same for every method; no weight changes.
+    Returns the number of batches used (0 when the model has no BatchNorm or ``batches`` is 0).
+    """
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+             and module.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    device = torch.device(device)
+    momenta = [module.momentum for module in norms]
+    was_training = model.training
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average over the batches below
+    model.train()
+    used = 0
+    try:
+        for images, _ in train_batches(split, batch_size, seed, "bn-recalibration", step):
+            if used == batches:
+                break
+            model(images.to(device))
+            used += 1
+    finally:
+        for module, momentum in zip(norms, momenta):
+            module.momentum = momentum
+        model.train(was_training)
+    return used
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: ImageSplit, *, batch_size: int, device: torch.device | str = "cpu") -> EvalResult:
     """Accuracy and mean loss of ``model`` (in eval mode) on ``split``; restores the model's mode."""

@@ -58,3 +58,23 @@ def test_load_init_mismatch_says_what_fits(tmp_path):
         load_init(vgg11_bn(10, 0.125), path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_init(vgg11_bn(10, 0.125), tmp_path / "missing.pt")
+
+
+def test_width_is_read_from_the_init_checkpoint(tmp_path):
+    from comparison.config import ConfigError, RunConfig
+    from comparison.models import checkpoint_width
+
+    path = tmp_path / "half.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in vgg11_bn(10, 0.5).state_dict().items()}}, path)
+    assert checkpoint_width(path) == 0.5
+    assert RunConfig().width == 0.25
+    assert RunConfig(init=str(path)).width == 0.5
+    assert RunConfig.from_mapping({"init": str(path)}).width == 0.5
+    # an explicit width is kept, so loading the checkpoint later keeps its clear error
+    explicit = RunConfig.from_mapping({"init": str(path), "width": "0.125"})
+    assert explicit.width == 0.125
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_init(vgg11_bn(10, explicit.width), path)
+    torch.save({"classifier.0.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="no features.0.weight.*give --width explicitly"):
+        RunConfig(init=str(tmp_path / "other.pt"))
