@@ -42,15 +42,17 @@ def replace_parameter(
     """Make ``optimizer`` train ``new`` where it trained ``old``.
 
     Per-parameter state tensors shaped like ``old`` (momentum, Adam's moments, ...)
-    are compacted to the entries ``keep_index`` kept; other state (``step``) is kept.
+    are compacted to the entries ``keep_index`` kept, and start at zero for the entries it marks
+    new (``-1``, a weight regrown by dynamic sparse training); other state (``step``) is kept.
     With ``keep_index=None`` (a new weight, not a pruned one) the state is dropped.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         old: the parameter that was replaced.
-        new: its replacement, ``new == old[keep_index]`` at the time of replacement.
-        keep_index: 1-D int64 positions in ``old`` that survive, in the order of ``new``,
-            or ``None`` when the entries do not correspond.
+        new: its replacement, ``new[i] == old[keep_index[i]]`` at the time of replacement (and
+            ``new[i] == 0`` where ``keep_index[i] == -1``).
+        keep_index: 1-D int64, for each entry of ``new`` its position in ``old`` or ``-1``, or
+            ``None`` when the entries do not correspond.
 
     Returns:
         True if ``optimizer`` held ``old``.
@@ -70,11 +72,18 @@ def replace_parameter(
         compacted = {}
         for key, value in state.items():
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old.shape:
-                compacted[key] = value.index_select(0, keep_index.to(value.device)).clone()
+                compacted[key] = gather_entries(value, keep_index.to(value.device))
             else:
                 compacted[key] = value
         optimizer.state[new] = compacted
     return True
+
+
+def gather_entries(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]``, with zero where ``index`` is ``-1`` (an entry that is new)."""
+    fresh = index < 0
+    gathered = values.index_select(0, index.clamp(min=0))
+    return gathered.masked_fill_(fresh, 0) if bool(fresh.any()) else gathered
 
 
 def record_successor(old: Tensor, new: Tensor, keep_index: Tensor | None) -> None:
@@ -105,7 +114,7 @@ def latest_successor(param: Tensor) -> tuple[Tensor, Tensor] | None:
 
     Returns:
         ``(newest, keep_index)`` with ``newest == param[keep_index]`` (as of the
-        pruning), or ``None`` if ``param`` was never replaced.
+        pruning; ``-1`` marks entries added since), or ``None`` if ``param`` was never replaced.
     """
     successor = getattr(param, _SUCCESSOR_ATTR, None)
     if successor is None:
@@ -116,7 +125,9 @@ def latest_successor(param: Tensor) -> tuple[Tensor, Tensor] | None:
         if keep_index is None or step_keep is None:
             keep_index = None
         else:
-            keep_index = keep_index.index_select(0, step_keep.to(keep_index.device))
+            step_keep = step_keep.to(keep_index.device)
+            composed = keep_index.index_select(0, step_keep.clamp(min=0))
+            keep_index = composed.masked_fill_(step_keep < 0, -1)
     return current, keep_index
 
 

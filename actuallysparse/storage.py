@@ -335,6 +335,53 @@ class SparseModule(nn.Module):
             _optim.replace_parameter(optimizer, old, new, keep)
         _optim.remap_known_optimizers()
 
+    def move_entries(self, keep: Tensor, new_rows: Tensor, new_cols: Tensor, optimizer=None) -> None:
+        """Keep the stored weights at positions ``keep`` and add zeros at ``(new_rows, new_cols)``.
+
+        What dynamic sparse training does at an update: the pattern changes, kept weights keep
+        their values and their optimizer state (momentum, Adam's moments), new weights and their
+        state start at zero. ``values`` becomes a new Parameter, remapped in optimizers as
+        pruning does.
+
+        Args:
+            keep: positions into ``values`` or a boolean mask, as in :meth:`keep_entries`.
+            new_rows, new_cols: 1-D matrix positions of the new weights, none of them stored now.
+            optimizer: updated at once if given; see :meth:`prune_smallest_values`.
+
+        Raises:
+            ValueError: a new position is outside the matrix, repeated, or already stored.
+        """
+        _optim.check_optimizer(optimizer)
+        keep = self._keep_positions(keep)
+        if new_rows.dim() != 1 or new_rows.shape != new_cols.shape:
+            raise ValueError(f"new_rows and new_cols must be 1-D of one length, got shapes {tuple(new_rows.shape)} "
+                             f"and {tuple(new_cols.shape)}")
+        n_rows, n_cols = self._matrix_shape
+        device = self.values.device
+        new_rows, new_cols = new_rows.to(device=device, dtype=torch.long), new_cols.to(device=device, dtype=torch.long)
+        if new_rows.numel() and (int(new_rows.min()) < 0 or int(new_rows.max()) >= n_rows or
+                                 int(new_cols.min()) < 0 or int(new_cols.max()) >= n_cols):
+            raise ValueError(f"new positions must lie in the {n_rows} x {n_cols} weight matrix")
+        stored = rows_cols_key(*self._rows_cols(), n_cols)
+        new_keys = rows_cols_key(new_rows, new_cols, n_cols)
+        if new_keys.numel() and bool(torch.isin(new_keys, stored).any()):
+            raise ValueError("a new position is already stored; new weights must go where none is")
+        keys = torch.cat([stored.index_select(0, keep), new_keys])
+        source = torch.cat([keep, torch.full_like(new_keys, -1)])
+        keys, order = torch.sort(keys)
+        if bool((keys[1:] == keys[:-1]).any()):
+            raise ValueError("new positions repeat; give each position once")
+        source = source[order]
+        old = self.values
+        with torch.no_grad():
+            new_values = _optim.gather_entries(old.detach(), source)
+        self._register_storage(keys // n_cols, keys % n_cols, new_values, reuse_values=False)
+        new = self.values
+        _optim.record_successor(old, new, source)
+        if optimizer is not None:
+            _optim.replace_parameter(optimizer, old, new, source)
+        _optim.remap_known_optimizers()
+
     def _keep_positions(self, keep) -> Tensor:
         """Sorted int64 positions of the entries ``keep`` selects (see :meth:`keep_entries`)."""
         if not isinstance(keep, Tensor):
@@ -402,6 +449,11 @@ class SparseModule(nn.Module):
                 state_dict[prefix + key] = tensor.clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+def rows_cols_key(rows: Tensor, cols: Tensor, n_cols: int) -> Tensor:
+    """One int64 per position, ``row * n_cols + col``: row-major order, comparable across patterns."""
+    return rows.long() * n_cols + cols.long()
 
 
 def row_pointer_problem(crow: Tensor, nnz: int) -> str:
