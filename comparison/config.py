@@ -122,19 +122,19 @@ class RunConfig:
     data_dir: str = "data"
     download: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
-    sparsities: tuple[float, ...] = (0.9, 0.97, 0.99)
+    sparsities: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98)
     seeds: tuple[int, ...] = (0, 1, 2)
-    scope: str = "classifier"
+    scope: str = "all"
     width: float | None = None
     init: str | None = None
-    pretrain_epochs: int = 4
-    steps: int = 3
-    epochs_per_step: int = 1
+    pretrain_epochs: int = 6
+    steps: int = 5
+    epochs_per_step: int = 2
     schedule: str = "cubic"
     step_targets: tuple[float, ...] = ()
     batch_size: int = 64
     optimizer: str = "adam"
-    lr: float = 1e-4
+    lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
     limit_train: int | None = None
@@ -143,8 +143,8 @@ class RunConfig:
     threads: int = 0
     latency_repeats: int = 5
     probe_memory: bool = True
-    probe_memory_seeds: int = 0
-    bn_recalibration_batches: int = 0
+    probe_memory_seeds: int = 1
+    bn_recalibration_batches: int = 8
     out: str | None = field(default=None, compare=False)
     experiment: str = "run"
     baseline_dir: str | None = None
