@@ -18,6 +18,59 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+class _MaxPool2x2(torch.autograd.Function):
+    """2x2, stride-2 max pooling as two elementwise maxima of strided views.
+
+    The gradient goes to the first maximum of each window in row-major order, as
+    ``F.max_pool2d``'s does: the indices are the ones it would record, and its own backward
+    kernel spreads the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        window = x[..., :height, :width]
+        top_left, top_right = window[..., 0::2, 0::2], window[..., 0::2, 1::2]
+        bottom_left, bottom_right = window[..., 1::2, 0::2], window[..., 1::2, 1::2]
+        top, bottom = torch.maximum(top_left, top_right), torch.maximum(bottom_left, bottom_right)
+        out = torch.maximum(top, bottom)
+        if ctx.needs_input_grad[0]:
+            # the top row wins a tie, then the left column: max_pool2d's row-major scan
+            in_bottom = top < out
+            right = torch.where(in_bottom, bottom_left < bottom, top_left < top)
+            corners = (torch.arange(0, height, 2, device=x.device).view(-1, 1) * x.shape[-1]
+                       + torch.arange(0, width, 2, device=x.device))
+            indices = in_bottom.to(torch.int64).mul_(x.shape[-1]).add_(right).add_(corners)
+            ctx.save_for_backward(x, indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                                indices)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2, 2)`` computed as elementwise maxima: the same numbers and gradients.
+
+    torch 2.14's CPU ``max_pool2d`` on a contiguous (NCHW) tensor runs 10-20x slower than the
+    same pooling of a channels-last tensor or elementwise maxima (1.9 ms against 0.11 ms for
+    64x16x32x32 on 2 cores; 1.1 ms when the indices for backward are needed too): it was 58 % of
+    a pruned quarter-width VGG11_bn's inference and 19 % of its training step, for every method
+    alike. Every model the harness builds pools this way, the dense reference included, so no
+    method gains from it over another.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=2, stride=2)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Module's name
+        if input.dim() not in (3, 4):
+            return super().forward(input)
+        return _MaxPool2x2.apply(input)
+
+
 class VGG(nn.Module):
     r"""VGG11_bn for 32x32 inputs (CIFAR head): conv features, 1x1 average pool, three Linear layers.
 
@@ -58,7 +111,7 @@ class VGG(nn.Module):
         in_channels = 3
         for entry in VGG11_CHANNELS:
             if entry == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                layers.append(MaxPool2x2())
                 continue
             out_channels = scaled(int(entry), width)
             layers += [

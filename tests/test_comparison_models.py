@@ -78,3 +78,21 @@ def test_width_is_read_from_the_init_checkpoint(tmp_path):
     torch.save({"classifier.0.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="no features.0.weight.*give --width explicitly"):
         RunConfig(init=str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (2, 5, 7, 9), (3, 6, 4), (1, 1, 2, 2)])
+def test_the_vgg_pooling_equals_max_pool2d_values_and_gradients(shape):
+    import torch.nn.functional as F
+
+    from comparison.models import MaxPool2x2
+
+    for data in (torch.randn(*shape, dtype=torch.float64),
+                 torch.randint(0, 3, shape).double()):        # many ties: the first maximum wins
+        x_ours, x_ref = data.clone().requires_grad_(), data.clone().requires_grad_()
+        out, expected = MaxPool2x2()(x_ours), F.max_pool2d(x_ref, 2, 2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        grad = torch.randn_like(expected)
+        out.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=0)
+    assert all(isinstance(m, MaxPool2x2) for m in vgg11_bn(10, 0.125).modules() if isinstance(m, torch.nn.MaxPool2d))

@@ -180,7 +180,7 @@ class NNIStructured(Method):
         device = next(model.parameters()).device
         dummy = torch.zeros(2, 3, 32, 32, device=device)
         with contextlib.redirect_stdout(io.StringIO()):  # ModelSpeedup prints its progress
-            _nni("ModelSpeedup")(model, dummy, masks, graph_module=torch.fx.symbolic_trace(model),
+            _nni("ModelSpeedup")(model, dummy, masks, graph_module=_traced(model),
                                  logger=_quiet_logger()).speedup_model()
         model.train(was_training)
         return type(optimizer)(model.parameters(), **optimizer.defaults)
@@ -188,6 +188,20 @@ class NNIStructured(Method):
     def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
         # A removed weight is gone from the model: it counts as a zero of the original layer.
         return self.original_sizes[name] - model.get_submodule(name).weight.numel(), self.original_sizes[name]
+
+
+class _PoolingLeaves(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with every max-pooling layer a leaf: the harness's VGG pools with a
+    subclass of ``nn.MaxPool2d`` that fx would otherwise trace into (an autograd Function it cannot
+    trace); as a leaf it is one node that NNI propagates masks through like any pooling."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, nn.MaxPool2d) or super().is_leaf_module(module, qualified_name)
+
+
+def _traced(model: nn.Module) -> torch.fx.GraphModule:
+    """``model`` traced by ``torch.fx`` for ``ModelSpeedup`` (NNI 3.0's own tracer fails on VGG11_bn)."""
+    return torch.fx.GraphModule(model, _PoolingLeaves().trace(model))
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
