@@ -255,7 +255,8 @@ class DynamicSparsity:
             k = min(round(fraction * layer.nnz), absent)
             if k <= 0:
                 continue
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step_count) * 1_009 + index)
+            generator = torch.Generator().manual_seed(
+                ((self.seed * 1_000_003 + self.step_count) * 1_009 + index) % (1 << 63))
             new_rows, new_cols = self.regrow(name, layer, k, generator)
             keep = _largest_magnitudes(layer.values.detach(), layer.nnz - k)
             layer.move_entries(keep, new_rows, new_cols, optimizer=self.optimizer)

@@ -37,6 +37,7 @@ def plot_all(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ("latency_vs_sparsity.png", lambda: plot_latency_vs_sparsity(final, latency_batch_sizes(table))),
         ("stored_bytes_vs_sparsity.png", lambda: plot_bytes_vs_sparsity(final)),
         ("accuracy_vs_bytes.png", lambda: plot_accuracy_vs_bytes(final)),
+        ("accuracy_vs_training_time.png", lambda: plot_accuracy_vs_training_time(final)),
         ("training_curves.png", lambda: plot_training_curves(table)),
         ("speedup_measured_vs_theoretical.png", lambda: plot_speedup_measured_vs_theoretical(final)),
     ):
@@ -207,6 +208,35 @@ def plot_accuracy_vs_bytes(final: pd.DataFrame):
     axis.set_ylabel("test accuracy")
     axis.set_title("Accuracy against memory (labels: target sparsity)")
     axis.grid(True, which="both", alpha=0.3)
+    _legend(axis)
+    return figure
+
+
+def plot_accuracy_vs_training_time(final: pd.DataFrame):
+    """Test accuracy against the training seconds that made each final model (the baseline's
+    pretraining included for methods that start from it): what sparse-from-scratch training saves."""
+    accuracy, seconds = seed_stats(final, "test_accuracy"), seed_stats(final, "training_s")
+    if accuracy.empty or seconds.empty:
+        return None
+    both = accuracy.merge(seconds, on=["method", "target_sparsity"], suffixes=("", "_s"))
+    figure, axis = plt.subplots(figsize=(6.8, 4.6))
+    for method in dict.fromkeys(final["method"]):
+        rows = both[both["method"] == method].sort_values("target_sparsity")
+        if rows.empty:
+            continue
+        reference = is_reference(final, method)
+        marker, linestyle = ("*", "") if reference else method_style(method)
+        axis.errorbar(rows["mean_s"], rows["mean"], xerr=rows["half_width_s"].fillna(0.0), yerr=_error(rows),
+                      marker=marker, linestyle=linestyle or "none", capsize=3,
+                      color=method_color(method, reference), label=method)
+        for row in rows.itertuples():
+            if row.target_sparsity > 0:
+                axis.annotate(f"{row.target_sparsity:g}", (row.mean_s, row.mean), fontsize=7,
+                              xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("training seconds that made the model (pretraining included)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("Accuracy against training time (labels: target sparsity)")
+    axis.grid(True, alpha=0.3)
     _legend(axis)
     return figure
 

@@ -15,6 +15,7 @@ comparable only within one kind of node.
 
 from __future__ import annotations
 
+import math
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -270,7 +271,8 @@ def _cell_task(work, config: RunConfig, cell: records.Cell, baseline, data, envi
         return work.failed_baseline_rows(cell, baseline, environment)
     with tempfile.TemporaryDirectory(prefix="comparison-cell-") as scratch:
         rows = work.run_cell(config, cell, baseline["state_dict"], data, environment, device=device,
-                             threads=threads, scratch_dir=Path(scratch), progress=False)
+                             threads=threads, scratch_dir=Path(scratch), progress=False,
+                             pretrain_s=baseline.get("pretrain_s", math.nan))
     if any(row["metric"] == records.FAILED_METRIC for row in rows):
         raise CellFailed(rows)
     return rows

@@ -73,6 +73,7 @@ UNITS = {
     "cuda_max_allocated_bytes": "bytes",
     "layers_stored_dense": "count",
     "elapsed_s": "s",
+    "training_s": "s",
     "flops": "flop",
     "theoretical_speedup": "ratio",
     "measured_speedup": "ratio",

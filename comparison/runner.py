@@ -107,6 +107,10 @@ def step_targets(config: RunConfig, target_sparsity: float) -> list[float]:
     return sparsity_schedule(target_sparsity, config.steps, config.schedule)
 
 
+TRAINING_S_NOTE = ("seconds of training that made this model so far: the baseline's pretraining (for a cell "
+                   "that starts from it) plus this cell's epochs")
+
+
 def probes_memory(config: RunConfig, seed: int) -> bool:
     """Whether the cells of ``seed`` measure a fresh process's peak memory: ``probe_memory`` is on
     and ``seed`` is among the first ``probe_memory_seeds`` seeds of the run (all when 0). The
@@ -132,8 +136,8 @@ def baseline_path(out_dir: Path, config: RunConfig, seed: int) -> Path:
     return directory / f"seed-{seed}__{config.baseline_id()}.pt"
 
 
-def _cached_baseline(path: Path, echo: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
-    """The state dict cached at ``path`` if it is whole; a damaged one is moved aside (and retrained)."""
+def _cached_baseline(path: Path, echo: Callable[[str], None]) -> dict[str, object] | None:
+    """The baseline payload cached at ``path`` if it is whole; a damaged one is moved aside (and retrained)."""
     if not path.is_file():
         return None
     checksum = path.with_name(path.name + ".sha256")
@@ -144,7 +148,9 @@ def _cached_baseline(path: Path, echo: Callable[[str], None]) -> dict[str, torch
         problem = f"baseline {path} does not match its checksum (damaged after it was written)"
     else:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload["state_dict"]  # noqa: B018 - a payload without it is as unreadable as a broken file
+            return payload
         except Exception as error:  # any unreadable checkpoint is retrained, not fatal
             problem = f"baseline {path} cannot be loaded ({type(error).__name__}: {error})"
     moved = move_aside(path, problem)
@@ -158,7 +164,16 @@ def load_or_train_baseline(
     config: RunConfig, seed: int, data: Dataset, *, device: torch.device, out_dir: Path, progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, torch.Tensor]:
-    """The baseline state dict for ``seed``: from the cache, from ``config.init``, or trained now and cached.
+    """The baseline state dict for ``seed`` (see :func:`baseline_payload`)."""
+    return baseline_payload(config, seed, data, device=device, out_dir=out_dir, progress=progress,
+                            echo=echo)["state_dict"]
+
+
+def baseline_payload(
+    config: RunConfig, seed: int, data: Dataset, *, device: torch.device, out_dir: Path, progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """The baseline of ``seed`` as :func:`train_baseline` returns it: from the cache, or made now and cached.
 
     The cache file is written atomically with a checksum beside it; a cached file that fails
     the checksum or does not load is named, moved aside and retrained.
@@ -172,13 +187,14 @@ def load_or_train_baseline(
         return cached
     payload = train_baseline(config, seed, data, device=device, progress=progress)
     save_baseline(path, payload)
-    return payload["state_dict"]
+    return payload
 
 
 def train_baseline(config: RunConfig, seed: int, data: Dataset, *, device: torch.device,
                    progress: bool = True) -> dict[str, object]:
     """Make the baseline of ``seed`` (from ``config.init`` or by pretraining) and return what the
-    cache holds: ``state_dict`` (on the CPU), ``test_accuracy``, ``test_loss``, ``train_loss``.
+    cache holds: ``state_dict`` (on the CPU), ``test_accuracy``, ``test_loss``, ``train_loss``,
+    ``pretrain_s`` (the seconds its training epochs took; 0 for an ``--init`` file).
 
     Writes nothing, so that it can run on another machine (:func:`save_baseline` caches it).
 
@@ -200,6 +216,7 @@ def train_baseline(config: RunConfig, seed: int, data: Dataset, *, device: torch
         "test_accuracy": result.accuracy,
         "test_loss": result.loss,
         "train_loss": [epoch.mean_loss for epoch in history],
+        "pretrain_s": sum(epoch.seconds for epoch in history),
     }
 
 
@@ -234,6 +251,7 @@ def run_cell(
     scratch_dir: Path,
     progress: bool = True,
     on_batch: BatchObserver | None = None,
+    pretrain_s: float = math.nan,
 ) -> list[dict[str, object]]:
     """Run one cell and return its rows; an exception or a NaN loss becomes a ``failed`` row.
 
@@ -244,6 +262,13 @@ def run_cell(
     target, fine-tunes ``config.epochs_per_step`` epochs, re-estimates the BatchNorm statistics on
     ``config.bn_recalibration_batches`` training batches (every method alike), then measures. Fine-tuning epoch
     ``e`` (counted across steps) uses batch order ``(seed, "finetune", e)`` for every method.
+
+    A method that trains from scratch (``from_scratch``: dynamic sparse training) starts from the
+    seed's random initialisation instead of the baseline and trains through the pretraining epochs
+    too (stream ``"pretrain"``, before step 1's fine-tuning), so it sees the same batches in the
+    same order as the baseline and a pruning cell together. ``training_s`` is each step's total
+    training time so far: for a cell that starts from the baseline it includes ``pretrain_s``, the
+    baseline's pretraining seconds.
     """
     rows: list[dict[str, object]] = []
     step = 0
@@ -256,8 +281,10 @@ def run_cell(
     bar = tqdm(total=config.steps + 1, desc=str(cell), leave=False, disable=not progress, unit="step")
     try:
         method = make_method(cell.method, config.scope, cell.seed)
+        method.target_sparsity = cell.target_sparsity
         model = build_model(config, data.num_classes, cell.seed)
-        model.load_state_dict(baseline)
+        if not method.from_scratch:
+            model.load_state_dict(baseline)
         model.to(device)
         reference_model = build_model(config, data.num_classes, cell.seed)
         reference_model.load_state_dict(baseline)
@@ -267,25 +294,41 @@ def run_cell(
         # After prepare, always: NNI's wrapping replaces the Parameters an earlier optimizer held.
         optimizer = make_optimizer(model.parameters(), config)
         schedule = step_targets(config, cell.target_sparsity)
+        if method.from_scratch:  # sparse at the target from the start; the steps only place the measurements
+            schedule = [cell.target_sparsity] * len(schedule)
+        pretraining = config.pretrain_epochs if method.from_scratch and not config.init else 0
+        batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        after_step = method.start_training(
+            model, optimizer, total_steps=(pretraining + len(schedule) * config.epochs_per_step) * batches_per_epoch,
+            steps_per_epoch=batches_per_epoch)
         measure = functools.partial(_measure_step, config, method, reference=reference, data=data, device=device,
                                     threads=threads, scratch_dir=scratch_dir)
+        training_s = 0.0 if method.from_scratch else pretrain_s
         add(measure(model, optimizer, None, 0.0, probe=False))
-        add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
+        add([Measurement("elapsed_s", time.perf_counter() - start, "s"),
+             Measurement("training_s", training_s, "s", TRAINING_S_NOTE)])
         bar.update()
         for step, target in enumerate(schedule, start=1):
             optimizer = method.prune(model, target, optimizer) or optimizer
             epochs = [
                 train_epoch(model, optimizer, data.train, batch_size=config.batch_size, seed=cell.seed,
+                            stream="pretrain", epoch=index, device=device, on_batch=on_batch, after_step=after_step)
+                for index in range(pretraining if step == 1 else 0)
+            ]
+            epochs += [
+                train_epoch(model, optimizer, data.train, batch_size=config.batch_size, seed=cell.seed,
                             stream="finetune", epoch=(step - 1) * config.epochs_per_step + index,
-                            device=device, on_batch=on_batch)
+                            device=device, on_batch=on_batch, after_step=after_step)
                 for index in range(config.epochs_per_step)
             ]
+            training_s += sum(epoch.seconds for epoch in epochs)
             if config.bn_recalibration_batches:
                 recalibrate_batchnorm(model, data.train, batches=config.bn_recalibration_batches,
                                       batch_size=config.batch_size, seed=cell.seed, step=step, device=device)
             add(measure(model, optimizer, epochs, target,
                         probe=step == len(schedule) and probes_memory(config, cell.seed)))
-            add([Measurement("elapsed_s", time.perf_counter() - start, "s")])
+            add([Measurement("elapsed_s", time.perf_counter() - start, "s"),
+                 Measurement("training_s", training_s, "s", TRAINING_S_NOTE)])
             bar.update()
     except Exception as error:  # one cell's failure must not stop the run; its reason is recorded
         if is_machine_fault(error):
@@ -655,23 +698,24 @@ def _local_cells(plan: RunPlan, data: Dataset, environment: dict[str, object], t
     config, out_dir = plan.config, plan.out_dir
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
-    baselines: dict[int, dict[str, torch.Tensor] | NonFiniteLossError] = {}
+    baselines: dict[int, dict[str, object] | NonFiniteLossError] = {}
     try:
         # ignore_cleanup_errors: a failing disk must not replace the error that stopped the cells.
         with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir, ignore_cleanup_errors=True) as scratch:
             for cell in to_run:
                 if cell.seed not in baselines:
                     try:
-                        baselines[cell.seed] = load_or_train_baseline(config, cell.seed, data, device=plan.device,
-                                                                      out_dir=out_dir, progress=progress, echo=echo)
+                        baselines[cell.seed] = baseline_payload(config, cell.seed, data, device=plan.device,
+                                                                out_dir=out_dir, progress=progress, echo=echo)
                     except NonFiniteLossError as error:  # this seed's cells fail; other seeds go on
                         baselines[cell.seed] = error
                 baseline = baselines[cell.seed]
                 if isinstance(baseline, NonFiniteLossError):
                     rows = failed_baseline_rows(cell, baseline, environment)
                 else:
-                    rows = run_cell(config, cell, baseline, data, environment, device=plan.device,
-                                    threads=plan.threads, scratch_dir=Path(scratch), progress=progress)
+                    rows = run_cell(config, cell, baseline["state_dict"], data, environment, device=plan.device,
+                                    threads=plan.threads, scratch_dir=Path(scratch), progress=progress,
+                                    pretrain_s=baseline.get("pretrain_s", math.nan))
                 yield cell, rows
     finally:
         torch.set_num_threads(previous_threads)

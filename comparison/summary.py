@@ -123,6 +123,7 @@ def _columns(batch_sizes: list[int]) -> list[tuple[str, str, float, int]]:
     ]
     columns += [(f"latency b{size} ms", f"latency_batch{size}_ms", 1.0, 2) for size in batch_sizes]
     columns.append(("train step ms", "train_step_ms", 1.0, 1))
+    columns.append(("training s", "training_s", 1.0, 1))
     return columns
 
 
@@ -163,7 +164,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
     when there are several seeds. Below the table, for each target, a sentence says which
     methods accuracy cannot tell apart. "process +MiB" is what loading and running the model
     added to a fresh process's peak memory; speedups and compression are dense ÷ the method,
-    measured in the same cell.
+    measured in the same cell; "training s" is all the training that made the final model,
+    the baseline's pretraining included for a method that starts from it.
     """
     if table.empty:
         return "No finished cells yet."

@@ -69,6 +69,7 @@ def train_epoch(
     epoch: int,
     device: torch.device | str = "cpu",
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    after_step: Callable[[], object] | None = None,
 ) -> EpochResult:
     """Train ``model`` for one epoch on the seeded batch order of ``(seed, stream, epoch)``.
 
@@ -78,6 +79,8 @@ def train_epoch(
     Args:
         on_batch: called with each ``(images, labels)`` batch before it is used (tests use it
             to check that methods see identical data).
+        after_step: called after each optimizer step, inside the timed step (dynamic sparse
+            training moves its weights there: its cost is part of the step's time).
 
     Raises:
         NonFiniteLossError: a batch loss was NaN or infinite.
@@ -94,7 +97,7 @@ def train_epoch(
         if on_batch is not None:
             on_batch(images, labels)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss, milliseconds = timed_step(model, optimizer, images, labels, device)
+        loss, milliseconds = timed_step(model, optimizer, images, labels, device, after_step)
         step_times_ms.append(milliseconds)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -104,15 +107,17 @@ def train_epoch(
 
 
 def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor, float]:
-    """One training step (cross-entropy, backward, optimizer step); returns the loss and its wall
-    time in ms, the device synchronised before and after."""
+               device: torch.device, after_step: Callable[[], object] | None = None) -> tuple[torch.Tensor, float]:
+    """One training step (cross-entropy, backward, optimizer step, then ``after_step``); returns the
+    loss and its wall time in ms, the device synchronised before and after."""
     synchronize(device)
     start = time.perf_counter()
     loss = F.cross_entropy(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if after_step is not None:
+        after_step()
     synchronize(device)
     return loss, (time.perf_counter() - start) * 1e3
 

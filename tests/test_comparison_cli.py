@@ -35,7 +35,7 @@ def test_config_file_then_command_line(tmp_path):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--methods", "dense,magic"], ["unknown method 'magic'", "actuallysparse, actuallysparse-coo, actuallysparse-orphaned, dense, nni, nni-structured, random, torch-prune"]),
+        (["--methods", "dense,magic"], ["unknown method 'magic'", "actuallysparse, actuallysparse-coo, actuallysparse-orphaned, dense, nni, nni-structured, random, rigl, set, torch-prune"]),
         (["--dataset", "imagenet"], ["unknown dataset 'imagenet'", "digits, cifar10, cifar100"]),
         (["--sparsities", "0.9,1.5"], ["1.5", "(0, 1)"]),
         (["--width", "wide"], ["invalid value 'wide' for width"]),

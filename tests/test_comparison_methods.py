@@ -60,7 +60,7 @@ def _effective_weights(method, model):
 
 def test_registry_and_unknown_method():
     assert set(available_methods()) == {"dense", "actuallysparse", "nni", "torch-prune", "actuallysparse-coo",
-                                        "actuallysparse-orphaned", "random", "nni-structured"}
+                                        "actuallysparse-orphaned", "random", "nni-structured", "set", "rigl"}
     with pytest.raises(ValueError, match="unknown method 'magic'.*actuallysparse, actuallysparse-coo, actuallysparse-orphaned, dense, nni"):
         make_method("magic")
     with pytest.raises(ValueError, match="classifier, all"):

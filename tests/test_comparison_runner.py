@@ -17,7 +17,7 @@ EXPECTED_METRICS = {
     "step_target_sparsity", "achieved_sparsity", "nonzero_weights", "layers_stored_dense", "test_accuracy",
     "test_loss", "test_eval_s", "stored_bytes", "stored_bytes_masks", "stored_bytes_values", "pruned_layers_bytes",
     "optimizer_state_bytes", "latency_batch1_ms", "latency_batch16_ms", "checkpoint_bytes",
-    "elapsed_s", "flops", "theoretical_speedup", "compression_ratio", "measured_speedup",
+    "elapsed_s", "training_s", "flops", "theoretical_speedup", "compression_ratio", "measured_speedup",
     "measured_speedup_batch1",
 }
 TRAINING_METRICS = {"train_loss", "train_step_ms", "finetune_s", "measured_speedup_train_step"}
@@ -90,6 +90,42 @@ def test_every_method_sees_identical_batches_and_starts_from_the_same_baseline(t
     assert len(set(start_accuracy.values())) == 1, start_accuracy
 
 
+def test_sparse_from_scratch_trains_through_the_baseline_s_batches_at_its_target(tmp_path, data):
+    from comparison.data import train_batches
+
+    config = tiny_config(tmp_path, pretrain_epochs=2, sparsities=(0.8,))
+    device = torch.device("cpu")
+    payload = runner.baseline_payload(config, 0, data, device=device, out_dir=tmp_path, progress=False)
+    assert payload["pretrain_s"] > 0
+    environment = {key: "x" for key in records.ENVIRONMENT_COLUMNS}
+    seen = {}
+    for method in ("dense", "set", "rigl"):
+        batches = []
+        rows = runner.run_cell(
+            config, Cell(method, 0.0 if method == "dense" else 0.8, 0), payload["state_dict"], data, environment,
+            device=device, threads=1, scratch_dir=tmp_path, progress=False, pretrain_s=payload["pretrain_s"],
+            on_batch=lambda images, labels: batches.append((images.clone(), labels.clone())))
+        assert not [row for row in rows if row["metric"] == records.FAILED_METRIC], method
+        values = {(row["metric"], row["step"]): row["value"] for row in rows}
+        seen[method] = batches, values
+    _, dense = seen["dense"]
+    assert dense[("training_s", 0)] == payload["pretrain_s"]
+    pretraining = [batch for epoch in range(2) for batch in train_batches(data.train, 16, 0, "pretrain", epoch)]
+    for method in ("set", "rigl"):
+        batches, values = seen[method]
+        # the baseline's pretraining batches, then the fine-tuning batches every pruning cell sees
+        assert len(batches) == len(pretraining) + len(seen["dense"][0])
+        for (x, y), (x_ref, y_ref) in zip(batches, pretraining + seen["dense"][0]):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref), method
+        for step in range(STEPS + 1):
+            assert values[("achieved_sparsity", step)] == pytest.approx(0.8, abs=0.01), (method, step)
+        assert [values[("step_target_sparsity", step)] for step in range(1, STEPS + 1)] == [0.8] * STEPS
+        times = [values[("training_s", step)] for step in range(STEPS + 1)]
+        assert times[0] == 0 and all(b > a for a, b in zip(times, times[1:])), times
+        # a random initialisation, not the pretrained baseline
+        assert values[("test_loss", 0)] != dense[("test_loss", 0)]
+
+
 def test_run_writes_the_table_with_every_metric_per_step(finished_run):
     config, result = finished_run
     assert set(result.statuses.values()) == {"finished"} and len(result.statuses) == 6
@@ -111,7 +147,7 @@ def test_run_writes_the_table_with_every_metric_per_step(finished_run):
     out = config.out_dir
     for name in ("config.json", "environment.json", "summary.md", "results.csv"):
         assert (out / name).is_file(), name
-    assert len(list((out / "plots").glob("*.png"))) == 7
+    assert len(list((out / "plots").glob("*.png"))) == 8
     assert len(list((out / "baselines").glob("*.pt"))) == 1
     environment = json.loads((out / "environment.json").read_text())
     assert environment["sparse_backend"] == functional.backend_name("cpu")

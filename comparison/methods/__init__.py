@@ -2,8 +2,9 @@
 
 Example::
 
-    >>> sorted(available_methods())
-    ['actuallysparse', 'dense', 'nni', 'torch-prune']
+    >>> sorted(available_methods())  # doctest: +NORMALIZE_WHITESPACE
+    ['actuallysparse', 'actuallysparse-coo', 'actuallysparse-orphaned', 'dense', 'nni', 'nni-structured',
+     'random', 'rigl', 'set', 'torch-prune']
     >>> make_method("dense", scope="classifier").name
     'dense'
 """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -66,6 +66,13 @@ class Method(ABC):
         holds: what the method keeps for each pruned layer, in words (a dense weight, a mask,
             a weight copy, sparse values and indices); summaries and notes read it, so no code
             needs to know a method by name.
+        from_scratch: ``True`` for a method that trains sparse from the seed's random
+            initialisation (dynamic sparse training) instead of pruning the pretrained baseline;
+            the harness then trains it through the pretraining epochs too.
+
+    Attributes:
+        target_sparsity: the cell's final target, set by the harness before :meth:`prepare`
+            (a method that is sparse from the start needs it there).
 
     Args:
         scope: ``classifier`` or ``all`` (see :func:`target_layer_names`).
@@ -77,6 +84,8 @@ class Method(ABC):
     prunes: ClassVar[bool] = True
     variant_of: ClassVar[str | None] = None
     holds: ClassVar[tuple[str, ...]] = ("dense weight",)
+    from_scratch: ClassVar[bool] = False
+    target_sparsity: float = 0.0
 
     def __init__(self, scope: str = "classifier", seed: int = 0) -> None:
         if scope not in SCOPE_LAYER_TYPES:
@@ -103,6 +112,17 @@ class Method(ABC):
         A method that replaces the model's parameters returns a new optimizer of the same kind
         and settings for them; otherwise it returns ``None`` and ``optimizer`` stays in use.
         """
+
+    def start_training(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int,
+                       steps_per_epoch: int) -> Callable[[], object] | None:
+        """Called once the optimizer exists, before any training; returns what to call after every
+        optimizer step (dynamic sparse training's update), or ``None``.
+
+        Args:
+            total_steps: optimizer steps the cell will take in all.
+            steps_per_epoch: optimizer steps of one epoch.
+        """
+        return None
 
     @abstractmethod
     def layer_zeros(self, model: nn.Module, name: str) -> tuple[int, int]:
