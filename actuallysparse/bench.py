@@ -296,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conv", action="store_true",
                         help="benchmark sparse convolutions instead: VGG11's CIFAR conv layers at 0.9 and 0.95, "
                              "B=64, and the whole pruned VGG11_bn (see actuallysparse.bench_conv)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="benchmark dynamic sparse training instead: RigL's amortised step against the "
+                             "fixed-pattern sparse step and masked RigL, 4096x4096 and VGG11_bn at 0.9, B=64 "
+                             "(see actuallysparse.bench_dynamic)")
     args = parser.parse_args(argv)
     if args.conv:
         return _main_conv(args)
+    if args.dynamic:
+        return _main_dynamic(args)
     try:
         shapes = _parse_list(args.shapes, _parse_shape, "shapes")
         sparsities = _parse_list(args.sparsities, float, "sparsities")
@@ -361,6 +367,24 @@ def _main_conv(args) -> int:
         print("\n".join(targets))
     if args.csv:
         _write_csv(args.csv, layers + model)
+    return 0
+
+
+def _main_dynamic(args) -> int:
+    from actuallysparse import bench_dynamic
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    records = bench_dynamic.run(rounds=args.rounds, quick=args.quick)
+    print(header())
+    print(f"speedup = dense ms / variant ms (>1: faster than dense), median of {1 if args.quick else args.rounds} "
+          f"round(s) (lowest–highest round in brackets); MiB = bytes held training with Adam; RigL moves "
+          f"{bench_dynamic.DROP_FRACTION:g} of each layer's weights every {bench_dynamic.UPDATE_EVERY} steps")
+    print(bench_dynamic.format_table(records))
+    print("\nTargets:")
+    print("\n".join(bench_dynamic.check_targets(records)))
+    if args.csv:
+        _write_csv(args.csv, records)
     return 0
 
 
