@@ -52,11 +52,12 @@ class RunConfig:
     r"""Everything that defines a comparison run.
 
     Defaults are the default run (``python -m comparison run``): VGG11_bn at a quarter of its
-    width on the embedded digits data set, four pretraining epochs (Adam, lr 1e-4, batch 64),
-    three cubic pruning steps each followed by one fine-tuning epoch, every method of the default
-    grid at targets 0.9, 0.97 and 0.99 (where the methods' accuracies part on this data set),
-    three seeds. On a 2-core CPU it takes about a quarter of an hour; ``width=1.0`` is the real
-    VGG11_bn (about sixteen times the compute).
+    width on the embedded digits data set with every convolution but the first and every linear
+    layer pruned, six pretraining epochs (Adam, lr 1e-3, batch 64), five cubic pruning steps each
+    followed by two fine-tuning epochs and a re-estimation of the BatchNorm statistics, every
+    method of the default grid at targets 0.8, 0.9, 0.95 and 0.98 (from where magnitude and
+    random pruning agree to where they part), three seeds. ``docs/DEFAULT_RUN.md`` says what was
+    measured to choose it; ``width=1.0`` is the real VGG11_bn (about sixteen times the compute).
 
     Args:
         dataset: one of ``digits`` (scikit-learn, embedded), ``cifar10``, ``cifar100``.
@@ -64,12 +65,13 @@ class RunConfig:
         download: allow torchvision to download CIFAR into ``data_dir`` when it is missing.
         methods: methods to compare, any of :func:`~comparison.methods.available_methods`; the
             default grid is :data:`DEFAULT_METHODS` (``dense, actuallysparse, nni, torch-prune,
-            nni-structured, random``); ``actuallysparse-orphaned`` and ``actuallysparse-coo`` are
-            variants kept for the thesis reproduction.
+            nni-structured, random``); ``set`` and ``rigl`` (dynamic sparse training from the
+            random initialisation) run when named; ``actuallysparse-orphaned`` and
+            ``actuallysparse-coo`` are variants kept for the thesis reproduction.
         sparsities: final target sparsities (fraction of zeros of the pruned layers), in (0, 1).
         seeds: one cell per (method, sparsity, seed); each seed has its own baseline.
-        scope: ``classifier`` prunes the three Linear layers (the thesis's scope); ``all`` also
-            prunes every Conv2d.
+        scope: ``all`` (the default) prunes every Linear and every Conv2d but the first;
+            ``classifier`` prunes the three Linear layers only (the thesis's scope).
         width: VGG channel multiplier; 1.0 is the real VGG11_bn. ``None`` (the default) means
             :data:`DEFAULT_WIDTH`, or the width of the ``init`` checkpoint when one is given.
         init: optional state-dict file for the baseline (PyTorch_CIFAR10 ``vgg11_bn.pt``);
