@@ -13,8 +13,9 @@ one process:
   the dense gradient; amortised the same way.
 
 Bytes are those held while training with Adam after one step (every tensor, gradients, Adam's
-moments), from :func:`actuallysparse.memory.stored_bytes`. ``update_peak_bytes`` is the largest
-dense block of the missing weights' gradient that a RigL update holds at once.
+moments), from :func:`actuallysparse.memory.stored_bytes`. ``update_peak_bytes`` is the most a
+RigL update holds at once beyond the batch it kept: one block of the missing weights' gradient
+and the candidates being merged (:attr:`~actuallysparse.dynamic.RigL.peak_update_bytes`).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def run_dynamic(name: str, model: nn.Module, targets: list[str], x: torch.Tensor
         rounds_ms["masked_rigl"].append((masked_amortised, times["dense"]))
         rounds_ms.setdefault("rigl_update", []).append((update_ms, times["dense"]))
     record = {"model": name, "sparsity": sparsity, "batch": x.shape[0], "threads": torch.get_num_threads(),
-              "update_every": UPDATE_EVERY, "update_peak_bytes": rigl.peak_block_bytes}
+              "update_every": UPDATE_EVERY, "update_peak_bytes": rigl.peak_update_bytes}
     record.update({f"{key}_train_bytes": value for key, value in held.items()})
     return summarise_rounds(rounds_ms, record)
 

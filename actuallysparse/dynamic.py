@@ -319,9 +319,13 @@ class RigL(DynamicSparsity):
     The gradient is that of the batch of the update step: on the step before an update, forward
     hooks keep each sparse layer's input and the gradient of its output (what backward computes
     anyway); :meth:`step` then forms ``dy^T x`` a block of output rows at a time
-    (:data:`GRADIENT_BLOCK_ELEMENTS` entries at most), keeps each block's best ``k`` absent
-    positions, and takes the best ``k`` of those. Ties go to the lower position (row-major).
-    The batch is released after the update.
+    (:data:`GRADIENT_BLOCK_ELEMENTS` entries at most) and merges each block's best ``k`` absent
+    positions into the best ``k`` so far. Ties go to the lower position (row-major). The batch is
+    released after the update.
+
+    Attributes:
+        peak_update_bytes: the most an update has held at once beyond the captured batch: one
+            gradient block and the candidates (position and score) being merged.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -331,7 +335,7 @@ class RigL(DynamicSparsity):
         for name, layer in self.layers.items():
             self._hooks.append(layer.register_forward_hook(self._capture_hook(name)))
         self._prepare_for(1)
-        self.peak_block_bytes = 0
+        self.peak_update_bytes = 0
 
     def _prepare_for(self, step: int) -> None:
         self._batches.clear()
@@ -363,24 +367,27 @@ class RigL(DynamicSparsity):
         n_rows, n_cols = layer._matrix_shape
         stored = rows_cols_key(*layer._rows_cols(), n_cols)
         block_rows = max(1, GRADIENT_BLOCK_ELEMENTS // n_cols)
-        best_keys, best_scores = [], []
+        # the best k so far, merged with each block's best k: at most one block and 2k candidates
+        # are held at once
+        best_keys = torch.zeros(0, dtype=torch.long, device=stored.device)
+        best_scores = torch.zeros(0, dtype=batch.inputs.dtype, device=stored.device)
         for start in range(0, n_rows, block_rows):
             stop = min(n_rows, start + block_rows)
             block = self._gradient_rows(layer, batch, start, stop).abs().flatten()
-            self.peak_block_bytes = max(self.peak_block_bytes, block.numel() * block.element_size())
-            keys = torch.arange(start * n_cols, stop * n_cols, device=block.device)
             taken = stored[(stored >= start * n_cols) & (stored < stop * n_cols)] - start * n_cols
             block[taken] = -1.0  # below every |gradient|: stored positions are never chosen
             order = torch.sort(block, descending=True, stable=True).indices[:k]
-            best_keys.append(keys[order])
-            best_scores.append(block[order])
+            # earlier blocks first, so that a stable sort keeps ties in row-major order
+            keys = torch.cat([best_keys, order + start * n_cols])
+            scores = torch.cat([best_scores, block[order]])
+            held = block.numel() * block.element_size() + keys.numel() * (keys.element_size() + scores.element_size())
+            self.peak_update_bytes = max(self.peak_update_bytes, held)
             del block
-        keys, scores = torch.cat(best_keys), torch.cat(best_scores)
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
-        chosen = keys[order]
-        if bool((scores[order] < 0).any()):
+            merged = torch.sort(scores, descending=True, stable=True).indices[:k]
+            best_keys, best_scores = keys[merged], scores[merged]
+        if best_keys.numel() < k or bool((best_scores < 0).any()):
             raise RuntimeError(f"layer {name!r}: fewer than {k} absent positions to regrow")
-        return chosen // n_cols, chosen % n_cols
+        return best_keys // n_cols, best_keys % n_cols
 
     @staticmethod
     def _gradient_rows(layer: SparseModule, batch: _Batch, start: int, stop: int) -> Tensor:
