@@ -136,6 +136,7 @@ def run_dynamic(name: str, model: nn.Module, targets: list[str], x: torch.Tensor
 
     capture_step()
     rigl_update()
+    calls["rigl"]()  # a step after the move: its gradients and Adam state exist again
     held["rigl"] = _held_bytes(rigl_model, optimizers["rigl"])
     rounds_ms = {key: [] for key in ("sparse", "rigl", "masked_rigl")}
     for _ in range(rounds):
