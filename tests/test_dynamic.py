@@ -251,3 +251,17 @@ def test_a_model_without_sparse_layers_is_refused():
     model = _model()
     with pytest.raises(ValueError, match="Sequential has none: call make_sparse"):
         SET(model, torch.optim.SGD(model.parameters(), lr=0.1), end_step=10)
+
+
+def test_top_k_positions_is_a_stable_selection():
+    from actuallysparse.dynamic import top_k_positions
+
+    scores = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 2.0])
+    assert top_k_positions(scores, 2).tolist() == [0, 2]           # a three-way tie: the lower two
+    assert top_k_positions(scores, 4).tolist() == [0, 2, 3, 4]
+    assert top_k_positions(scores, 0).tolist() == []
+    assert top_k_positions(scores, 9).tolist() == list(range(7))
+    many = torch.randint(0, 5, (1000,)).double()
+    for k in (1, 17, 500, 999):
+        expected = sorted(torch.sort(many, descending=True, stable=True).indices[:k].tolist())
+        assert top_k_positions(many, k).tolist() == expected
