@@ -392,13 +392,18 @@ class RigL(DynamicSparsity):
             block = self._gradient_rows(layer, batch, start, stop).abs().flatten()
             taken = stored[(stored >= start * n_cols) & (stored < stop * n_cols)] - start * n_cols
             block[taken] = -1.0  # below every |gradient|: stored positions are never chosen
-            order = top_k_positions(block, k)
+            if best_keys.numel() == k:
+                # only a score above the k-th best so far can enter (an equal one has a higher
+                # position than the one it ties with, and loses)
+                candidates = torch.nonzero(block > best_scores.min()).flatten()
+            else:
+                candidates = torch.arange(block.numel(), device=block.device)
             # earlier blocks first: keys stay ascending, so a tie goes to the lower position
-            keys = torch.cat([best_keys, order + start * n_cols])
-            scores = torch.cat([best_scores, block[order]])
+            keys = torch.cat([best_keys, candidates + start * n_cols])
+            scores = torch.cat([best_scores, block[candidates]])
             held = block.numel() * block.element_size() + keys.numel() * (keys.element_size() + scores.element_size())
             self.peak_update_bytes = max(self.peak_update_bytes, held)
-            del block
+            del block, candidates
             merged = top_k_positions(scores, k)
             best_keys, best_scores = keys[merged], scores[merged]
         if best_keys.numel() < k or bool((best_scores < 0).any()):

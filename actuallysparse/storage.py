@@ -362,16 +362,22 @@ class SparseModule(nn.Module):
         if new_rows.numel() and (int(new_rows.min()) < 0 or int(new_rows.max()) >= n_rows or
                                  int(new_cols.min()) < 0 or int(new_cols.max()) >= n_cols):
             raise ValueError(f"new positions must lie in the {n_rows} x {n_cols} weight matrix")
-        stored = rows_cols_key(*self._rows_cols(), n_cols)
-        new_keys = rows_cols_key(new_rows, new_cols, n_cols)
-        if new_keys.numel() and bool(torch.isin(new_keys, stored).any()):
-            raise ValueError("a new position is already stored; new weights must go where none is")
-        keys = torch.cat([stored.index_select(0, keep), new_keys])
-        source = torch.cat([keep, torch.full_like(new_keys, -1)])
-        keys, order = torch.sort(keys)
-        if bool((keys[1:] == keys[:-1]).any()):
+        stored = rows_cols_key(*self._rows_cols(), n_cols)  # ascending: the storage is row-major
+        new_keys = torch.sort(rows_cols_key(new_rows, new_cols, n_cols)).values
+        if bool((new_keys[1:] == new_keys[:-1]).any()):
             raise ValueError("new positions repeat; give each position once")
-        source = source[order]
+        if stored.numel() and new_keys.numel():
+            nearest = stored[torch.searchsorted(stored, new_keys).clamp(max=stored.numel() - 1)]
+            if bool((nearest == new_keys).any()):
+                raise ValueError("a new position is already stored; new weights must go where none is")
+        # merge two ascending lists (the kept keys and the new ones) without sorting them together
+        kept_keys = stored.index_select(0, keep)
+        kept_at = torch.arange(kept_keys.numel(), device=device) + torch.searchsorted(new_keys, kept_keys)
+        new_at = torch.arange(new_keys.numel(), device=device) + torch.searchsorted(kept_keys, new_keys)
+        keys = torch.empty(kept_keys.numel() + new_keys.numel(), dtype=torch.long, device=device)
+        source = torch.empty_like(keys)
+        keys[kept_at], keys[new_at] = kept_keys, new_keys
+        source[kept_at], source[new_at] = keep, -1
         old = self.values
         with torch.no_grad():
             new_values = _optim.gather_entries(old.detach(), source)

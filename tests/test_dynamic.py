@@ -265,3 +265,19 @@ def test_top_k_positions_is_a_stable_selection():
     for k in (1, 17, 500, 999):
         expected = sorted(torch.sort(many, descending=True, stable=True).indices[:k].tolist())
         assert top_k_positions(many, k).tolist() == expected
+
+
+def test_move_entries_refuses_positions_taken_repeated_or_outside():
+    layer = make_sparse(nn.Sequential(nn.Linear(5, 4)), 0.5, "uniform")[0]
+    rows, cols = layer._rows_cols()
+    absent = (layer.dense_weight() == 0).nonzero()
+    keep = torch.arange(layer.nnz - 1)
+    with pytest.raises(ValueError, match="already stored"):
+        layer.move_entries(keep, rows[:1], cols[:1])
+    with pytest.raises(ValueError, match="repeat"):
+        layer.move_entries(keep, absent[[0, 0], 0], absent[[0, 0], 1])
+    with pytest.raises(ValueError, match="must lie in the 4 x 5 weight matrix"):
+        layer.move_entries(keep, torch.tensor([4]), torch.tensor([0]))
+    before = layer.nnz
+    layer.move_entries(keep, absent[:1, 0], absent[:1, 1])
+    assert layer.nnz == before and float(layer.dense_weight()[absent[0, 0], absent[0, 1]]) == 0.0
