@@ -172,7 +172,8 @@ class RayCluster:
             data: the data set, put in the object store once.
             environment: the driver's environment columns; a task replaces where it ran.
             work: the :class:`comparison.runner.CellWork` a task calls.
-            cached_baseline: the driver's cached state dict of a seed, or ``None``.
+            cached_baseline: the driver's cached baseline payload of a seed (``state_dict``,
+                ``pretrain_s``, ...), or ``None``.
             save_baseline: caches a baseline a task made (called by the driver only).
 
         Closing the generator (Ctrl-C, an error) cancels the tasks not finished.
@@ -188,9 +189,9 @@ class RayCluster:
         baselines: dict[int, object] = {}
         try:
             for seed in dict.fromkeys(cell.seed for cell in to_run):
-                state = cached_baseline(seed)
-                if state is not None:
-                    baselines[seed] = ray.put({"state_dict": state})
+                payload = cached_baseline(seed)
+                if payload is not None:
+                    baselines[seed] = ray.put(payload)
                 else:
                     baselines[seed] = train_task.remote(work.train_baseline, config, seed, data_ref, config.device, cpus)
                     pending[baselines[seed]] = ("baseline", seed)
