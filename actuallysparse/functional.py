@@ -402,6 +402,17 @@ def _added(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
+def _product_rule(apply: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, a_tangent: Tensor | None,
+                  b_tangent: Tensor | None) -> Tensor | None:
+    """The tangent of a bilinear ``apply(a, b)``: ``apply(da, b) + apply(a, db)`` (``None`` for none).
+
+    ``apply`` goes through the Functions, not the raw products, so that an outer transform
+    (``vmap``) sees their rules.
+    """
+    out = apply(a_tangent, b) if a_tangent is not None else None
+    return _added(out, apply(a, b_tangent)) if b_tangent is not None else out
+
+
 def _vmap_by_loop(function, info, in_dims, args):
     """A ``torch.func.vmap`` rule for a Function of the products: one call per batch entry.
 
@@ -456,12 +467,8 @@ class SparseProduct(torch.autograd.Function):
     def jvp(ctx, x_tangent, values_tangent, bias_tangent, _):  # noqa: D102
         x, values = ctx.saved_tensors
         products = ctx.products
-        out = None
-        # Through the Functions, not the raw products: an outer transform (vmap) must see their rules.
-        if x_tangent is not None:
-            out = SparseProduct.apply(x_tangent, values, None, products)
-        if values_tangent is not None:
-            out = _added(out, SparseProduct.apply(x, values_tangent, None, products))
+        out = _product_rule(lambda a, b: SparseProduct.apply(a, b, None, products), x, values, x_tangent,
+                            values_tangent)
         if bias_tangent is not None:
             out = _added(out, products.broadcast_bias(bias_tangent))
         return out
@@ -497,13 +504,8 @@ class InputGrad(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, grad_out_tangent, values_tangent, _, __):  # noqa: D102
         grad_out, values = ctx.saved_tensors
-        products = ctx.products
-        out = None
-        if grad_out_tangent is not None:
-            out = InputGrad.apply(grad_out_tangent, values, ctx.x_shape, products)
-        if values_tangent is not None:
-            out = _added(out, InputGrad.apply(grad_out, values_tangent, ctx.x_shape, products))
-        return out
+        return _product_rule(lambda a, b: InputGrad.apply(a, b, ctx.x_shape, ctx.products), grad_out, values,
+                             grad_out_tangent, values_tangent)
 
 
 class ValueGrad(torch.autograd.Function):
@@ -535,13 +537,8 @@ class ValueGrad(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, grad_out_tangent, x_tangent, _):  # noqa: D102
         grad_out, x = ctx.saved_tensors
-        products = ctx.products
-        out = None
-        if grad_out_tangent is not None:
-            out = ValueGrad.apply(grad_out_tangent, x, products)
-        if x_tangent is not None:
-            out = _added(out, ValueGrad.apply(grad_out, x_tangent, products))
-        return out
+        return _product_rule(lambda a, b: ValueGrad.apply(a, b, ctx.products), grad_out, x, grad_out_tangent,
+                             x_tangent)
 
 
 # ---------------------------------------------------------------- custom operators

@@ -119,21 +119,15 @@ def _sparsity_axis(axis, final: pd.DataFrame) -> None:
 def plot_overview(final: pd.DataFrame):
     """The trade-off in one figure: accuracy, measured training-step speedup and bytes held, each
     against target sparsity, every method in the same colours (mean and 95 % interval over seeds)."""
-    panels = [("test_accuracy", 1.0, "test accuracy", "Accuracy", False),
-              ("measured_speedup_train_step", 1.0, "dense step time ÷ method's (>1: faster)",
-               "Training-step speedup, whole model", False),
-              ("stored_bytes", MIB, "MiB held by the model (every tensor once)", "Bytes held", True)]
-    figure, axes = plt.subplots(1, 3, figsize=(17.0, 4.6))
-    drawn = False
-    for axis, (metric, scale, label, title, log) in zip(axes, panels):
-        drawn |= _against_sparsity(axis, final, metric, scale=scale)
-        if log:
-            axis.set_yscale("log")
-        axis.set_ylabel(label)
-        axis.set_title(title)
-    if not drawn:
-        plt.close(figure)
+    figure = _sparsity_panels(final, [
+        ("test_accuracy", 1.0, "test accuracy", "Accuracy", False),
+        ("measured_speedup_train_step", 1.0, "dense step time ÷ method's (>1: faster)",
+         "Training-step speedup, whole model", False),
+        ("stored_bytes", MIB, "MiB held by the model (every tensor once)", "Bytes held", True)],
+        figsize=(17.0, 4.6), legends=False)
+    if figure is None:
         return None
+    axes = figure.axes
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), bbox_to_anchor=(0.5, -0.04),
                   frameon=False)
@@ -168,15 +162,26 @@ def plot_latency_vs_sparsity(final: pd.DataFrame, batch_sizes: list[int]):
 
 def plot_bytes_vs_sparsity(final: pd.DataFrame):
     """Bytes held (log scale), whole model and pruned layers alone, against target sparsity."""
-    panels = [("stored_bytes", "whole model"), ("pruned_layers_bytes", "pruned layers only")]
-    figure, axes = plt.subplots(1, 2, figsize=(12.0, 4.4))
+    return _sparsity_panels(final, [
+        (metric, MIB, "MiB held (every tensor, counted once)", f"Stored bytes, {title}", True)
+        for metric, title in (("stored_bytes", "whole model"), ("pruned_layers_bytes", "pruned layers only"))],
+        figsize=(12.0, 4.4))
+
+
+def _sparsity_panels(final: pd.DataFrame, panels: list[tuple[str, float, str, str, bool]], *,
+                     figsize: tuple[float, float], legends: bool = True):
+    """One panel per ``(metric, scale, y label, title, log scale)`` against target sparsity, side by
+    side; ``None`` when no panel has data."""
+    figure, axes = plt.subplots(1, len(panels), figsize=figsize)
     drawn = False
-    for axis, (metric, title) in zip(axes, panels):
-        drawn |= _against_sparsity(axis, final, metric, scale=MIB)
-        axis.set_yscale("log")
-        axis.set_ylabel("MiB held (every tensor, counted once)")
-        axis.set_title(f"Stored bytes, {title}")
-        _legend(axis)
+    for axis, (metric, scale, label, title, log) in zip(axes, panels):
+        drawn |= _against_sparsity(axis, final, metric, scale=scale)
+        if log:
+            axis.set_yscale("log")
+        axis.set_ylabel(label)
+        axis.set_title(title)
+        if legends:
+            _legend(axis)
     if not drawn:
         plt.close(figure)
         return None
@@ -212,13 +217,21 @@ def plot_accuracy_vs_bytes(final: pd.DataFrame):
     return figure
 
 
+def _paired_stats(final: pd.DataFrame, first: str, second: str, suffixes: tuple[str, str]) -> pd.DataFrame | None:
+    """The seed statistics of two metrics side by side per method and target (columns suffixed),
+    or ``None`` when either is absent."""
+    one, two = seed_stats(final, first), seed_stats(final, second)
+    if one.empty or two.empty:
+        return None
+    return one.merge(two, on=["method", "target_sparsity"], suffixes=suffixes)
+
+
 def plot_accuracy_vs_training_time(final: pd.DataFrame):
     """Test accuracy against the training seconds that made each final model (the baseline's
     pretraining included for methods that start from it): what sparse-from-scratch training saves."""
-    accuracy, seconds = seed_stats(final, "test_accuracy"), seed_stats(final, "training_s")
-    if accuracy.empty or seconds.empty:
+    both = _paired_stats(final, "test_accuracy", "training_s", ("", "_s"))
+    if both is None:
         return None
-    both = accuracy.merge(seconds, on=["method", "target_sparsity"], suffixes=("", "_s"))
     figure, axis = plt.subplots(figsize=(6.8, 4.6))
     for method in dict.fromkeys(final["method"]):
         rows = both[both["method"] == method].sort_values("target_sparsity")
@@ -245,11 +258,9 @@ def plot_speedup_measured_vs_theoretical(final: pd.DataFrame):
     """Measured speedup (dense latency ÷ latency, inference at the run's batch size) against the
     theoretical one (dense FLOPs ÷ FLOPs), one point per method and target, the diagonal drawn:
     points below it lose to overheads what their FLOPs promise."""
-    theoretical = seed_stats(final, "theoretical_speedup")
-    measured = seed_stats(final, "measured_speedup")
-    if theoretical.empty or measured.empty:
+    merged = _paired_stats(final, "theoretical_speedup", "measured_speedup", ("_flops", "_time"))
+    if merged is None:
         return None
-    merged = theoretical.merge(measured, on=["method", "target_sparsity"], suffixes=("_flops", "_time"))
     figure, axis = plt.subplots(figsize=(6.4, 4.8))
     for method in dict.fromkeys(merged["method"]):
         rows = merged[merged["method"] == method].sort_values("target_sparsity")
