@@ -7,6 +7,8 @@ Modules:
     converter   dense <-> COO <-> CSR conversion of layers and models
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
+    fusion      fuse_batchnorm: eval-mode BatchNorm folded into the sparse layer before it
+    dynamic     sparse from the first step: make_sparse, SET and RigL
     optim       keeping optimizers in step with pruned parameters
     functional  the sparse products and the one place that picks their backend
     kernels     the compiled CPU kernels, built on first use
@@ -15,6 +17,7 @@ Modules:
 """
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
+from actuallysparse.fusion import fuse_batchnorm
 from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
 from actuallysparse.memory import MemoryReport, stored_bytes
 from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
@@ -26,6 +29,7 @@ __all__ = [
     "SparseConv2d",
     "convert",
     "convert_model",
+    "fuse_batchnorm",
     "prune_sparse_model",
     "set_global_k",
     "prune_to_sparsity",

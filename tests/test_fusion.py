@@ -1,0 +1,65 @@
+"""BatchNorm folded into the sparse layer before it gives the same outputs, on every backend."""
+import pytest
+import torch
+from torch import nn
+
+from actuallysparse.converter import convert
+from actuallysparse.fusion import fuse_batchnorm
+
+
+def _with_statistics(norm):
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        if norm.weight is not None:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    return norm
+
+
+def _model(conv_bias=True, affine=True):
+    conv = convert(nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias, dtype=torch.float64), "csr")
+    conv.keep_entries(torch.rand(conv.nnz) < 0.4)
+    linear = convert(nn.Linear(6 * 4 * 4, 5, dtype=torch.float64), "coo")
+    linear.keep_entries(torch.rand(linear.nnz) < 0.3)
+    return nn.Sequential(conv, _with_statistics(nn.BatchNorm2d(6, affine=affine, dtype=torch.float64)), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), linear,
+                         _with_statistics(nn.BatchNorm1d(5, affine=affine, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("conv_bias, affine", [(True, True), (False, True), (True, False)])
+def test_folded_model_computes_the_same(backend, conv_bias, affine):
+    model = _model(conv_bias, affine).eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    expected = model(x)
+    nnz = [model[0].nnz, model[5].nnz]
+    assert fuse_batchnorm(model) == 2
+    assert isinstance(model[1], nn.Identity) and isinstance(model[6], nn.Identity)
+    assert [model[0].nnz, model[5].nnz] == nnz   # the pattern is unchanged
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_training_mode_is_refused_and_nothing_changes():
+    model = _model()
+    before = model[0].values.detach().clone()
+    with pytest.raises(ValueError, match="training mode: call model.eval\\(\\) first"):
+        fuse_batchnorm(model)
+    model.eval()
+    model[1].train()
+    with pytest.raises(ValueError, match="training mode"):
+        fuse_batchnorm(model)
+    assert torch.equal(model[0].values.detach(), before) and isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_only_a_batchnorm_right_after_a_sparse_layer_is_folded():
+    dense_then_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    apart = nn.Sequential(convert(nn.Conv2d(3, 4, 3), "csr"), nn.ReLU(), nn.BatchNorm2d(4))
+    for model in (dense_then_norm, apart):
+        assert fuse_batchnorm(model.eval()) == 0
+        assert isinstance(model[-1], nn.BatchNorm2d)
+
+
+def test_a_batchnorm_without_running_statistics_is_refused():
+    model = nn.Sequential(convert(nn.Conv2d(3, 4, 3), "csr"), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        fuse_batchnorm(model)
