@@ -101,7 +101,7 @@ def _train_bytes(layer: nn.Module, in_features: int) -> int:
     report = stored_bytes(layer, optimizer)
     for param in layer.parameters():
         param.grad = None
-    return report.total_bytes + report.optimizer_state_bytes
+    return report.training_bytes
 
 
 def _on_torch_backend(call):

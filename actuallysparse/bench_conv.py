@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 from tqdm import tqdm
@@ -33,8 +32,8 @@ from tqdm import tqdm
 from actuallysparse.converter import convert, convert_model
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import (inference_call, openvino_builders, ratio_cell, summarise_rounds, time_block,
-                                   time_interleaved, train_call)
+from actuallysparse.timing import (inference_call, openvino_builders, optimizer_step_call, ratio_cell,
+                                   summarise_rounds, time_block, time_interleaved, train_call)
 
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
@@ -122,14 +121,6 @@ def _pruned_models(sparsity: float, seed: int) -> dict[str, nn.Module]:
     return {"dense": dense, "masked": masked, "csr": sparse}
 
 
-def _train_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor):
-    def call():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return call
-
-
 def _training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes held while training with Adam: tensors, gradients and Adam's state after one step.
 
@@ -138,10 +129,10 @@ def _training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    _train_step(model, optimizer, x[:2], y[:2])()
+    optimizer_step_call(model, optimizer, x[:2], y[:2])()
     report = stored_bytes(model, optimizer)
     model.zero_grad(set_to_none=True)
-    return report.total_bytes + report.optimizer_state_bytes
+    return report.training_bytes
 
 
 def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, warmup: int = 2, rounds: int = 3,
@@ -163,7 +154,7 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, war
             for name, model in models.items():
                 model.train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-                calls[name] = _train_step(model, optimizer, x, y)
+                calls[name] = optimizer_step_call(model, optimizer, x, y)
             builders = {}
         timings = {name: [] for name in list(calls) + list(builders)}
         for _ in range(rounds):

@@ -20,6 +20,7 @@ and the candidates being merged (:attr:`~actuallysparse.dynamic.RigL.peak_update
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 
 import torch
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from actuallysparse.dynamic import RigL, make_sparse
 from actuallysparse.memory import MIB, stored_bytes
-from actuallysparse.timing import ratio_cell, summarise_rounds, time_block, time_interleaved
+from actuallysparse.timing import optimizer_step_call, ratio_cell, summarise_rounds, time_block, time_interleaved
 
 UPDATE_EVERY = 100
 DROP_FRACTION = 0.3
@@ -79,21 +80,6 @@ def _masked_model(model: nn.Module, targets: list[str], densities: dict[str, flo
     return masked
 
 
-def _step(model: nn.Module, optimizer, x, y, loss_fn, after=None):
-    def call():
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        if after is not None:
-            after()
-    return call
-
-
-def _held_bytes(model: nn.Module, optimizer) -> int:
-    report = stored_bytes(model, optimizer)
-    return report.total_bytes + report.optimizer_state_bytes
-
-
 def run_dynamic(name: str, model: nn.Module, targets: list[str], x: torch.Tensor, y: torch.Tensor, loss_fn, *,
                 sparsity: float = 0.9, rounds: int = 3, repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict:
     """One row: the four variants of ``model`` (its ``targets`` layers sparse or masked) side by side."""
@@ -104,27 +90,19 @@ def run_dynamic(name: str, model: nn.Module, targets: list[str], x: torch.Tensor
                  for target in targets}
     masked = _masked_model(dense, targets, densities, seed)
     rigl_model = copy.deepcopy(sparse)
+    models = {"dense": dense, "sparse": sparse, "rigl": rigl_model, "masked_rigl": masked}
     optimizers = {key: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-                  for key, m in (("dense", dense), ("sparse", sparse), ("rigl", rigl_model), ("masked", masked))}
+                  for key, m in models.items()}
     end_step = 10 ** 9  # the drop fraction stays at its start: every timed update moves a full share
     rigl = RigL(rigl_model, optimizers["rigl"], update_every=UPDATE_EVERY, drop_fraction=DROP_FRACTION,
                 end_step=end_step, seed=seed)
     # rigl's steps between updates run with its hooks in place (idle), timed beside the others
-    calls = {"dense": _step(dense, optimizers["dense"], x, y, loss_fn),
-             "sparse": _step(sparse, optimizers["sparse"], x, y, loss_fn),
-             "rigl": _step(rigl_model, optimizers["rigl"], x, y, loss_fn),
-             "masked_rigl": _step(masked, optimizers["masked"], x, y, loss_fn)}
-    held = {key: None for key in VARIANTS}
-    for call in calls.values():
-        call()
-    held["dense"] = _held_bytes(dense, optimizers["dense"])
-    held["sparse"] = _held_bytes(sparse, optimizers["sparse"])
-    held["masked_rigl"] = _held_bytes(masked, optimizers["masked"])
+    calls = {key: optimizer_step_call(m, optimizers[key], x, y, loss_fn) for key, m in models.items()}
     masked_layers = [module for module in masked.modules() if isinstance(module, MaskedLinearOrConv)]
 
     def capture_step():  # the step before an update: RigL keeps each layer's input and output gradient
         rigl._capturing = True
-        _step(rigl_model, optimizers["rigl"], x, y, loss_fn)()
+        calls["rigl"]()
 
     def rigl_update():
         rigl.step_count = UPDATE_EVERY - 1
@@ -134,24 +112,27 @@ def run_dynamic(name: str, model: nn.Module, targets: list[str], x: torch.Tensor
         for layer in masked_layers:
             layer.update(DROP_FRACTION)
 
+    for call in calls.values():
+        call()
     capture_step()
     rigl_update()
     calls["rigl"]()  # a step after the move: its gradients and Adam state exist again
-    held["rigl"] = _held_bytes(rigl_model, optimizers["rigl"])
+    held = {key: stored_bytes(m, optimizers[key]).training_bytes for key, m in models.items()}
     rounds_ms = {key: [] for key in ("sparse", "rigl", "masked_rigl")}
+    update_ms = []
     for _ in range(rounds):
         times = time_interleaved(calls, repeats, warmup)
         capture_ms = time_block(capture_step, repeats, 0)
-        update_ms = time_block(lambda: (capture_step(), rigl_update()), repeats, 0) - capture_ms
+        update_ms.append(time_block(lambda: (capture_step(), rigl_update()), repeats, 0) - capture_ms)
         masked_update_ms = time_block(masked_update, repeats, 0)
-        amortised = ((UPDATE_EVERY - 1) * times["rigl"] + capture_ms + update_ms) / UPDATE_EVERY
+        amortised = ((UPDATE_EVERY - 1) * times["rigl"] + capture_ms + update_ms[-1]) / UPDATE_EVERY
         masked_amortised = times["masked_rigl"] + masked_update_ms / UPDATE_EVERY
         rounds_ms["sparse"].append((times["sparse"], times["dense"]))
         rounds_ms["rigl"].append((amortised, times["dense"]))
         rounds_ms["masked_rigl"].append((masked_amortised, times["dense"]))
-        rounds_ms.setdefault("rigl_update", []).append((update_ms, times["dense"]))
     record = {"model": name, "sparsity": sparsity, "batch": x.shape[0], "threads": torch.get_num_threads(),
-              "update_every": UPDATE_EVERY, "update_peak_bytes": rigl.peak_update_bytes}
+              "update_every": UPDATE_EVERY, "update_peak_bytes": rigl.peak_update_bytes,
+              "rigl_update_ms": statistics.median(update_ms)}
     record.update({f"{key}_train_bytes": value for key, value in held.items()})
     return summarise_rounds(rounds_ms, record)
 
@@ -191,15 +172,16 @@ def format_table(records: list[dict]) -> str:
     """One markdown row per model: speedups (dense ms ÷ variant ms) and MiB held training with Adam."""
     lines = ["| model | sparsity | B | ΔT | sparse step | RigL step (amortised) | RigL ÷ sparse step | masked RigL | "
              "RigL ÷ masked RigL | MiB dense / sparse / RigL / masked RigL | masked ÷ RigL bytes | "
-             "RigL update peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "RigL update ms | RigL update peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         held = [r[f"{key}_train_bytes"] / MIB for key in VARIANTS]
         lines.append(
             f"| {r['model']} | {r['sparsity']:g} | {r['batch']} | {r['update_every']} | {ratio_cell(r, 'sparse')} | "
             f"{ratio_cell(r, 'rigl')} | {r['rigl_ms'] / r['sparse_ms']:.3f} | {ratio_cell(r, 'masked_rigl')} | "
             f"{r['masked_rigl_ms'] / r['rigl_ms']:.2f} | {' / '.join(f'{v:.1f}' for v in held)} | "
-            f"{r['masked_rigl_train_bytes'] / r['rigl_train_bytes']:.2f} | {r['update_peak_bytes'] / MIB:.1f} |")
+            f"{r['masked_rigl_train_bytes'] / r['rigl_train_bytes']:.2f} | {r['rigl_update_ms']:.0f} | "
+            f"{r['update_peak_bytes'] / MIB:.1f} |")
     return "\n".join(lines)
 
 

@@ -54,6 +54,11 @@ class MemoryReport:
         """Bytes of every tensor the module holds (optimizer state excluded)."""
         return sum(self.by_category.values())
 
+    @property
+    def training_bytes(self) -> int:
+        """Bytes held while training: every tensor of the module plus its optimizer state."""
+        return self.total_bytes + self.optimizer_state_bytes
+
     def as_dict(self) -> dict[str, int]:
         """Flat dict: one entry per category plus ``total`` and ``optimizer_state``."""
         return {**self.by_category, "total": self.total_bytes,

@@ -10,6 +10,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,6 +29,16 @@ def train_call(module: nn.Module, x: torch.Tensor):
         for param in module.parameters():
             param.grad = None
         module(x).sum().backward()
+    return call
+
+
+def optimizer_step_call(model: nn.Module, optimizer, x: torch.Tensor, y, loss_fn=F.cross_entropy):
+    """A call running one training step: gradients reset, ``loss_fn(model(x), y)`` backward, the
+    optimizer's step."""
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
     return call
 
 

@@ -88,3 +88,35 @@ def test_interleaved_timing_varies_each_calls_predecessor():
     timed = sequence[5:]
     predecessors = {name: {timed[i - 1] for i in range(1, len(timed)) if timed[i] == name} for name in "abcde"}
     assert all(len(before) >= 3 for before in predecessors.values()), predecessors
+
+
+def test_quick_dynamic_benchmark_prints_its_row_and_targets(tmp_path, capsys):
+    out = tmp_path / "dynamic.csv"
+    assert bench.main(["--dynamic", "--quick", "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Linear 256x512 | 0.9 | 16 | 100 |" in printed and "Targets:" in printed
+    (row,) = list(csv.DictReader(out.open()))
+    for name in ("sparse", "rigl", "masked_rigl"):
+        assert float(row[f"{name}_speedup_lo"]) <= float(row[f"{name}_speedup"]) <= float(row[f"{name}_speedup_hi"])
+    assert float(row["rigl_update_ms"]) > 0 and int(row["update_peak_bytes"]) > 0
+    # RigL holds what the fixed-pattern layer holds (same nnz); the masked layer more than dense
+    assert int(row["rigl_train_bytes"]) == int(row["sparse_train_bytes"]) < int(row["dense_train_bytes"])
+    assert int(row["masked_rigl_train_bytes"]) > int(row["dense_train_bytes"])
+
+
+def test_the_whole_model_training_step_and_bytes_of_the_conv_bench():
+    import torch
+    from torch import nn
+
+    from actuallysparse.bench_conv import _training_bytes
+    from actuallysparse.timing import optimizer_step_call
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([1, 2])
+    weights = 3 * 4 * 9 + 4 + 64 * 10 + 10
+    # parameters, their gradients, Adam's two moments, and Adam's step count (a scalar per parameter)
+    assert _training_bytes(model, x, y) == 4 * weights * 4 + 4 * len(list(model.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    optimizer_step_call(model, optimizer, x, y)()
+    assert not torch.equal(model[0].weight.detach(), before)
