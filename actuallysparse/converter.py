@@ -127,7 +127,17 @@ def convert(layer: nn.Module, target: str, mask: Tensor | None = None) -> nn.Mod
     if not isinstance(layer, CONVERTIBLE_TYPES):
         raise TypeError(f"convert() takes an nn.Linear, nn.Conv2d, SparseLayer or SparseConv2d, "
                         f"got {type(layer).__name__}")
-    rows, cols, values = _entries(layer, mask)
+    return with_entries(layer, target, *_entries(layer, mask))
+
+
+def with_entries(layer: nn.Module, target: str, rows: Tensor, cols: Tensor, values: Tensor) -> nn.Module:
+    """A layer of ``target``'s format with ``layer``'s geometry, bias, ``k`` and mode, whose weight
+    matrix holds ``values`` at ``(rows, cols)`` (one row per output) and nothing else.
+
+    :func:`convert` calls it with ``layer``'s own non-zeros; dynamic sparse training, with a
+    pattern it chose.
+    """
+    target = _check_target(target)
     bias = layer.bias.detach() if layer.bias is not None else None
     build = _conv if isinstance(layer, (nn.Conv2d, SparseConv2d)) else _linear
     k = layer.k if isinstance(layer, SparseModule) else 0.05  # the sparse layers' default

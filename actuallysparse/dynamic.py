@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from actuallysparse import optim as _optim
 from actuallysparse.conv import SparseConv2d
-from actuallysparse.layers import SparseLayer
+from actuallysparse.converter import with_entries
 from actuallysparse.storage import SparseModule, rows_cols_key, sparse_modules
 
 DISTRIBUTIONS = ("erk", "uniform")
@@ -158,19 +158,9 @@ def make_sparse(model: nn.Module, sparsity: float, distribution: str = "erk", *,
         n_rows, n_cols = shape[0], math.prod(shape[1:])
         nnz = min(n_rows * n_cols, max(1, round(density * n_rows * n_cols)))
         rows, cols = _random_pattern(n_rows, n_cols, nnz, generator)
-        with torch.no_grad():
-            weight = dense.weight.detach().reshape(n_rows, n_cols)
-            values = weight[rows.to(weight.device), cols.to(weight.device)].clone()
-            bias = None if dense.bias is None else dense.bias.detach().clone()
-        if isinstance(dense, nn.Linear):
-            sparse = SparseLayer.from_entries(dense.in_features, dense.out_features, rows, cols, values, bias,
-                                              csr_mode=csr_mode)
-        else:
-            sparse = SparseConv2d.from_entries(dense.in_channels, dense.out_channels, dense.kernel_size, rows, cols,
-                                               values, bias, stride=dense.stride, padding=dense.padding,
-                                               dilation=dense.dilation, groups=dense.groups,
-                                               padding_mode=dense.padding_mode, csr_mode=csr_mode)
-        sparse.train(dense.training)
+        weight = dense.weight.detach().reshape(n_rows, n_cols)
+        values = weight[rows.to(weight.device), cols.to(weight.device)]
+        sparse = with_entries(dense, "csr" if csr_mode else "coo", rows, cols, values)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
         del dense, weight
