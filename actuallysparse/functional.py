@@ -446,14 +446,12 @@ class SparseProduct(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         x, values = ctx.saved_tensors
         products = ctx.products
-        need_input, need_values, need_bias = ctx.needs_input_grad[:3]
+        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
-            grad_x = InputGrad.apply(grad_out, values, x.shape, products) if need_input else None
-            grad_values = ValueGrad.apply(grad_out, x, products) if need_values else None
-        else:  # first order only: both gradients in one call (the native kernels pack grad_out once)
-            grad_x, grad_values = products.both_grads(grad_out, x, values, need_input, need_values)
-        grad_bias = products.bias_grad(grad_out) if need_bias else None
-        return grad_x, grad_values, grad_bias, None
+            return *differentiable_gradients(grad_out, x, values, products, *needs), None
+        # first order only: both gradients in one call (the native kernels pack grad_out once)
+        grad_x, grad_values = products.both_grads(grad_out, x, values, needs[0], needs[1])
+        return grad_x, grad_values, products.bias_grad(grad_out) if needs[2] else None, None
 
     @staticmethod
     def vmap(info, in_dims, x, values, bias, products):  # noqa: D102
@@ -472,6 +470,16 @@ class SparseProduct(torch.autograd.Function):
         if bias_tangent is not None:
             out = _added(out, products.broadcast_bias(bias_tangent))
         return out
+
+
+def differentiable_gradients(grad_out: Tensor, x: Tensor, values: Tensor, products, need_input: bool,
+                             need_values: bool, need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_values, grad_bias)`` of a sparse layer as differentiable functions of
+    ``grad_out``, ``x`` and ``values`` (what a backward with ``create_graph`` returns); ``None``
+    for a gradient not needed."""
+    return (InputGrad.apply(grad_out, values, x.shape, products) if need_input else None,
+            ValueGrad.apply(grad_out, x, products) if need_values else None,
+            products.bias_grad(grad_out) if need_bias else None)
 
 
 class InputGrad(torch.autograd.Function):
@@ -589,9 +597,8 @@ def _linear_backward(ctx, grad_out):
         # create_graph on an eagerly run graph (an exported program, say): differentiable gradients
         transposed = None if t_crow is None else TransposedPattern(t_crow, t_col, perm)
         products = LinearProducts(backend_for(x, crow), crow, col, transposed, (grad_out.shape[1], x.shape[1]))
-        return (InputGrad.apply(grad_out, values, x.shape, products) if need_input else None,
-                ValueGrad.apply(grad_out, x, products) if need_values else None,
-                grad_out.sum(0) if need_bias else None, None, None, None, None, None, None)
+        return (*differentiable_gradients(grad_out, x, values, products, need_input, need_values, need_bias),
+                None, None, None, None, None, None)
     grad_x, grad_values = torch.ops.actuallysparse.linear_backward(
         grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)
     grad_bias = grad_out.sum(0) if need_bias else None
@@ -716,9 +723,8 @@ def _conv2d_backward(ctx, grad_out):
     if torch.is_grad_enabled() and not _traced(grad_out):
         # create_graph on an eagerly run graph (an exported program, say): differentiable gradients
         products = ConvProducts(backend_for(x, crow), crow, col, grad_out.shape[1], tuple(ctx.geometry))
-        return (InputGrad.apply(grad_out, values, x.shape, products) if need_input else None,
-                ValueGrad.apply(grad_out, x, products) if need_values else None,
-                grad_out.sum((0, 2, 3)) if need_bias else None, None, None, None, None)
+        return (*differentiable_gradients(grad_out, x, values, products, need_input, need_values, need_bias),
+                None, None, None, None)
     grad_x, grad_values = torch.ops.actuallysparse.conv2d_backward(
         grad_out, x, values, crow, col, ctx.geometry, need_input, need_values)
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
