@@ -19,6 +19,11 @@ form, and its geometry ten integers (:data:`CONV_GEOMETRY_FIELDS`). Its products
 backend convolves directly on the non-zeros, the torch backend scatters them into a dense weight
 for ``F.conv2d``.
 
+The pruned models these layers sit in pool with 2x2 windows of stride 2 (VGG); pooling has two
+products too, ``max_pool2x2(x) -> (out, where)`` (``where``: uint8, which of its window's four
+positions, row-major, each output took) and ``max_pool2x2_backward(grad_out, where, height,
+width)``, on the same two backends (:mod:`actuallysparse.pooling` wraps them).
+
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
 :mod:`actuallysparse.kernels` (float32/float64, int32 indices; ``dx`` is scattered along ``W``'s
 own rows, so no step gathers or copies the values), and ``torch``, built on torch's
@@ -211,6 +216,31 @@ def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tenso
     return grad_x, grad_values
 
 
+def torch_max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2, stride-2 max pooling of ``(N, C, H, W)`` and each window's winner (uint8: 0 top-left,
+    1 top-right, 2 bottom-left, 3 bottom-right), with ``F.max_pool2d``'s choice on ties (the first
+    maximum in row-major order) and NaN (a NaN wins over any number)."""
+    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    window = x[..., :height, :width]
+    best = window[..., 0::2, 0::2]
+    where = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+    for code, candidate in ((1, window[..., 0::2, 1::2]), (2, window[..., 1::2, 0::2]), (3, window[..., 1::2, 1::2])):
+        wins = (candidate > best) | candidate.isnan()
+        best = torch.where(wins, candidate, best)
+        where = where.masked_fill(wins, code)
+    return best.contiguous(), where
+
+
+def torch_max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, width: int) -> Tensor:
+    """The input gradient of :func:`torch_max_pool2x2`: each output's gradient at its window's
+    winner, zero elsewhere (and in a last row or column no window covers)."""
+    batch, channels, out_h, out_w = grad_out.shape
+    codes = torch.arange(4, dtype=torch.uint8, device=grad_out.device)
+    spread = torch.where(where.unsqueeze(-1) == codes, grad_out.unsqueeze(-1), grad_out.new_zeros(()))
+    windows = spread.view(batch, channels, out_h, out_w, 2, 2).permute(0, 1, 2, 4, 3, 5)
+    return F.pad(windows.reshape(batch, channels, 2 * out_h, 2 * out_w), (0, width - 2 * out_w, 0, height - 2 * out_h))
+
+
 class Backend(NamedTuple):
     """One implementation of the products, under a name.
 
@@ -227,12 +257,15 @@ class Backend(NamedTuple):
     uses_transposed: bool
     conv_forward: Callable[..., Tensor]
     conv_backward: Callable[..., tuple]
+    max_pool2x2: Callable[..., tuple]
+    max_pool2x2_backward: Callable[..., Tensor]
 
 
 TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True,
-                        torch_conv_forward, torch_conv_backward)
+                        torch_conv_forward, torch_conv_backward, torch_max_pool2x2, torch_max_pool2x2_backward)
 NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False,
-                         kernels.conv_forward, kernels.conv_backward)
+                         kernels.conv_forward, kernels.conv_backward, kernels.max_pool2x2,
+                         kernels.max_pool2x2_backward)
 
 _fallback_warned = False
 _override: str | None = None
@@ -269,14 +302,15 @@ def forced_backend() -> str | None:
     return forced
 
 
-def backend_for(x: Tensor, crow: Tensor) -> Backend:
-    """The backend that computes a layer's products for input ``x`` and a pattern indexed like ``crow``.
+def backend_for(x: Tensor, crow: Tensor | None = None) -> Backend:
+    """The backend that computes a layer's products for input ``x`` and a pattern indexed like ``crow``
+    (``None`` for a product with no pattern, such as pooling).
 
     Native on the CPU for float32/float64 with int32 indices; torch for any other device,
     dtype or index type. Forcing ``native`` where it cannot run raises; where the kernels
     cannot be built, the torch backend runs, after one warning saying why.
     """
-    return _choose_backend(x.device.type, x.dtype, crow.dtype)
+    return _choose_backend(x.device.type, x.dtype, torch.int32 if crow is None else crow.dtype)
 
 
 def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:

@@ -1,6 +1,6 @@
 """The compiled CPU kernels: built from ``actuallysparse/csrc`` on first use, never at import.
 
-Three plain functions with the same signatures as the pure-torch path in
+Plain functions with the same signatures as the pure-torch path in
 :mod:`actuallysparse.functional`:
 
 * :func:`forward` ``(x, values, bias, crow, col, out_features) -> y``, ``y = x W^T + b``;
@@ -11,7 +11,8 @@ Three plain functions with the same signatures as the pure-torch path in
 * :func:`backward` ``(grad_out, x, values, crow, col, t_crow, t_col, perm, need_input, need_values)``:
   whichever of the two gradients are needed, in one call;
 * :func:`conv_forward` and :func:`conv_backward`: the same for a direct sparse 2-D convolution
-  (``csrc/conv_impl.h``).
+  (``csrc/conv_impl.h``);
+* :func:`max_pool2x2` and :func:`max_pool2x2_backward`: 2x2, stride-2 max pooling (``csrc/pooling.cpp``).
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -35,7 +36,7 @@ from torch import Tensor
 ISA_VARIABLE = "ACTUALLYSPARSE_ISA"
 ISAS = ("avx512", "avx2", "scalar")
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
+SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "pooling.cpp")
 EXTENSION_NAME = "actuallysparse_kernels"
 
 
@@ -195,3 +196,13 @@ def conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col
     grad_x, grad_values = _ops().conv2d_backward(grad_out, x, values, crow, col, list(geometry), need_input,
                                                  need_values, isa())
     return (grad_x if need_input else None), (grad_values if need_values else None)
+
+
+def max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2, stride-2 max pooling of ``(N, C, H, W)``: the output and each window's winner (uint8, row-major)."""
+    return _ops().max_pool2x2(x)
+
+
+def max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, width: int) -> Tensor:
+    """The input gradient (``height x width`` planes) of :func:`max_pool2x2`, given its winners."""
+    return _ops().max_pool2x2_backward(grad_out, where, height, width)

@@ -80,19 +80,29 @@ def test_width_is_read_from_the_init_checkpoint(tmp_path):
         RunConfig(init=str(tmp_path / "other.pt"))
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 8, 6), (2, 5, 7, 9), (3, 6, 4), (1, 1, 2, 2)])
-def test_the_vgg_pooling_equals_max_pool2d_values_and_gradients(shape):
-    import torch.nn.functional as F
+def test_every_vgg_pooling_and_dropout_is_the_fast_one():
+    from actuallysparse.pooling import MaxPool2x2
+    from comparison.models import Dropout
 
-    from comparison.models import MaxPool2x2
+    modules = list(vgg11_bn(10, 0.125).modules())
+    assert all(isinstance(m, MaxPool2x2) for m in modules if isinstance(m, torch.nn.MaxPool2d))
+    assert all(isinstance(m, Dropout) for m in modules if isinstance(m, torch.nn.Dropout))
+    assert sum(isinstance(m, MaxPool2x2) for m in modules) == 5 and sum(isinstance(m, Dropout) for m in modules) == 2
 
-    for data in (torch.randn(*shape, dtype=torch.float64),
-                 torch.randint(0, 3, shape).double()):        # many ties: the first maximum wins
-        x_ours, x_ref = data.clone().requires_grad_(), data.clone().requires_grad_()
-        out, expected = MaxPool2x2()(x_ours), F.max_pool2d(x_ref, 2, 2)
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        grad = torch.randn_like(expected)
-        out.backward(grad)
-        expected.backward(grad)
-        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=0)
-    assert all(isinstance(m, MaxPool2x2) for m in vgg11_bn(10, 0.125).modules() if isinstance(m, torch.nn.MaxPool2d))
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 1.0])
+def test_dropout_keeps_each_element_with_probability_one_minus_p_scaled(p):
+    from comparison.models import Dropout
+
+    layer = Dropout(p)
+    x = torch.ones(200, 500, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    kept = out != 0
+    if 0 < p < 1:
+        assert abs(kept.double().mean().item() - (1 - p)) < 0.01      # 100 000 draws: sd 0.0016
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    else:
+        assert kept.all() if p == 0 else not kept.any()
+    out.backward(torch.full_like(out, 2.0))
+    torch.testing.assert_close(x.grad, out.detach() * 2)              # the gradient passes where kept
+    assert torch.equal(layer.eval()(x), x)

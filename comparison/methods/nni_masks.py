@@ -190,18 +190,20 @@ class NNIStructured(Method):
         return self.original_sizes[name] - model.get_submodule(name).weight.numel(), self.original_sizes[name]
 
 
-class _PoolingLeaves(torch.fx.Tracer):
-    """``torch.fx``'s tracer, with every max-pooling layer a leaf: the harness's VGG pools with a
-    subclass of ``nn.MaxPool2d`` that fx would otherwise trace into (an autograd Function it cannot
-    trace); as a leaf it is one node that NNI propagates masks through like any pooling."""
+class _PoolingAndDropoutLeaves(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with every max-pooling and dropout layer a leaf: the harness's VGG
+    pools with a subclass of ``nn.MaxPool2d`` that fx would otherwise trace into (an autograd
+    Function it cannot trace), and drops out with a subclass of ``nn.Dropout`` whose training-mode
+    branch fx would bake into the graph; as leaves they are nodes that NNI propagates masks
+    through like any pooling or dropout."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, nn.MaxPool2d) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (nn.MaxPool2d, nn.Dropout)) or super().is_leaf_module(module, qualified_name)
 
 
 def _traced(model: nn.Module) -> torch.fx.GraphModule:
     """``model`` traced by ``torch.fx`` for ``ModelSpeedup`` (NNI 3.0's own tracer fails on VGG11_bn)."""
-    return torch.fx.GraphModule(model, _PoolingLeaves().trace(model))
+    return torch.fx.GraphModule(model, _PoolingAndDropoutLeaves().trace(model))
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
