@@ -9,6 +9,7 @@ Modules:
     memory      bytes a module and its optimizer state really hold
     fusion      fuse_batchnorm: eval-mode BatchNorm folded into the sparse layer before it
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
+    normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
     dynamic     sparse from the first step: make_sparse, SET and RigL
     optim       keeping optimizers in step with pruned parameters
     functional  the sparse products and the one place that picks their backend

@@ -664,6 +664,15 @@ def _needs_autograd(x: Tensor, values: Tensor, bias: Tensor | None) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def eager_reverse_mode_only(*tensors: Tensor | None) -> bool:
+    """True when only eager reverse-mode autograd can reach ``tensors``: no ``torch.func`` transform
+    is active, none carries a forward-mode tangent, and no compiler or exporter traces them. There
+    a Function with a first-order backward (and a differentiable fallback for create_graph) is exact."""
+    present = [t for t in tensors if t is not None]
+    return (torch._C._functorch.peek_interpreter_stack() is None and not any(_traced(t) for t in present)
+            and all(forward_ad.unpack_dual(t).tangent is None for t in present))
+
+
 def _traced(x: Tensor) -> bool:
     """True while torch.compile or torch.export traces (fake or functional tensors, or dynamo)."""
     return torch.compiler.is_compiling() or (type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter))

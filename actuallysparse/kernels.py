@@ -12,7 +12,9 @@ Plain functions with the same signatures as the pure-torch path in
   whichever of the two gradients are needed, in one call;
 * :func:`conv_forward` and :func:`conv_backward`: the same for a direct sparse 2-D convolution
   (``csrc/conv_impl.h``);
-* :func:`max_pool2x2` and :func:`max_pool2x2_backward`: 2x2, stride-2 max pooling (``csrc/pooling.cpp``).
+* :func:`max_pool2x2` and :func:`max_pool2x2_backward`: 2x2, stride-2 max pooling (``csrc/pooling.cpp``);
+* :func:`batch_norm_train` and :func:`batch_norm_train_backward`: training-mode batch
+  normalisation of 4-D inputs (``csrc/normalization.cpp``).
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -36,7 +38,8 @@ from torch import Tensor
 ISA_VARIABLE = "ACTUALLYSPARSE_ISA"
 ISAS = ("avx512", "avx2", "scalar")
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "pooling.cpp")
+SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "pooling.cpp",
+           "normalization.cpp")
 EXTENSION_NAME = "actuallysparse_kernels"
 
 
@@ -206,3 +209,18 @@ def max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
 def max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, width: int) -> Tensor:
     """The input gradient (``height x width`` planes) of :func:`max_pool2x2`, given its winners."""
     return _ops().max_pool2x2_backward(grad_out, where, height, width)
+
+
+def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                     running_var: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of ``(N, C, H, W)``: ``(y, mean, invstd)``; the running statistics,
+    when given, are updated in place as ``F.batch_norm`` updates them."""
+    return _ops().batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def batch_norm_train_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+                              need_input: bool, need_weight: bool, need_bias: bool
+                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_input, grad_weight, grad_bias)`` of :func:`batch_norm_train`; ``None`` for a gradient not needed."""
+    grads = _ops().batch_norm_train_backward(grad_out, x, weight, mean, invstd, need_input, need_weight, need_bias)
+    return tuple(grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias)))

@@ -12,6 +12,10 @@ from torch import nn
 # model the harness builds, the dense reference included, pools with the library's MaxPool2x2
 # (the same numbers and gradients as nn.MaxPool2d(2, 2)), so no method gains from it over another.
 from actuallysparse.pooling import MaxPool2x2
+# The same holds for torch's CPU batch norm in training (0.66 ms forward for a 64x16x32x32 batch
+# where a pass over it takes 0.04 ms): every model normalises with the library's BatchNorm2d
+# (nn.BatchNorm2d's numbers to float rounding, its state_dict and class name).
+from actuallysparse.normalization import BatchNorm2d
 
 
 class Dropout(nn.Dropout):
@@ -88,7 +92,7 @@ class VGG(nn.Module):
             out_channels = scaled(int(entry), width)
             layers += [
                 nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                nn.BatchNorm2d(out_channels),
+                BatchNorm2d(out_channels),
                 nn.ReLU(inplace=True),
             ]
             in_channels = out_channels

@@ -179,9 +179,11 @@ class NNIStructured(Method):
         pruner.unwrap_model()
         device = next(model.parameters()).device
         dummy = torch.zeros(2, 3, 32, 32, device=device)
+        classes = {name: type(module) for name, module in model.named_modules()}
         with contextlib.redirect_stdout(io.StringIO()):  # ModelSpeedup prints its progress
             _nni("ModelSpeedup")(model, dummy, masks, graph_module=_traced(model),
                                  logger=_quiet_logger()).speedup_model()
+        _restore_subclasses(model, classes)
         model.train(was_training)
         return type(optimizer)(model.parameters(), **optimizer.defaults)
 
@@ -190,20 +192,31 @@ class NNIStructured(Method):
         return self.original_sizes[name] - model.get_submodule(name).weight.numel(), self.original_sizes[name]
 
 
-class _PoolingAndDropoutLeaves(torch.fx.Tracer):
-    """``torch.fx``'s tracer, with every max-pooling and dropout layer a leaf: the harness's VGG
-    pools with a subclass of ``nn.MaxPool2d`` that fx would otherwise trace into (an autograd
-    Function it cannot trace), and drops out with a subclass of ``nn.Dropout`` whose training-mode
-    branch fx would bake into the graph; as leaves they are nodes that NNI propagates masks
-    through like any pooling or dropout."""
+class _TorchLayerLeaves(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with every pooling, batch norm and dropout layer a leaf: the harness's
+    VGG pools and normalises with subclasses of ``nn.MaxPool2d`` and ``nn.BatchNorm2d`` that fx
+    would otherwise trace into (autograd Functions it cannot trace), and drops out with a subclass
+    of ``nn.Dropout`` whose training-mode branch fx would bake into the graph; as leaves they are
+    nodes that NNI propagates masks through like the torch layers they are."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (nn.MaxPool2d, nn.Dropout)) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, (nn.MaxPool2d, nn.BatchNorm2d, nn.Dropout))
+                or super().is_leaf_module(module, qualified_name))
+
+
+def _restore_subclasses(model: nn.Module, classes: dict[str, type]) -> None:
+    """Give every layer ``ModelSpeedup`` rebuilt as a torch class (a narrower ``nn.BatchNorm2d``)
+    the subclass it had before: the harness's VGG normalises with the library's faster
+    ``BatchNorm2d``, which adds no state, and every method must run the same layers."""
+    for name, module in model.named_modules():
+        before = classes.get(name)
+        if before is not None and before is not type(module) and issubclass(before, type(module)):
+            module.__class__ = before
 
 
 def _traced(model: nn.Module) -> torch.fx.GraphModule:
     """``model`` traced by ``torch.fx`` for ``ModelSpeedup`` (NNI 3.0's own tracer fails on VGG11_bn)."""
-    return torch.fx.GraphModule(model, _PoolingAndDropoutLeaves().trace(model))
+    return torch.fx.GraphModule(model, _TorchLayerLeaves().trace(model))
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:

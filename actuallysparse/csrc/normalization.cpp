@@ -1,0 +1,214 @@
+// Training-mode batch normalisation of (N, C, H, W) CPU tensors: batch statistics, running
+// statistics, normalised output, and its gradients.
+//
+// torch 2.14's CPU batch norm on a contiguous NCHW float tensor took 0.66 ms forward and 0.42 ms
+// backward for 64x16x32x32 on 2 threads, where one pass over those 4 MiB takes 0.04 ms: once a
+// VGG11_bn's convolutions are sparse, its eight batch norms were a fifth of the training step.
+// Here each channel is a parallel item (its N planes of H*W contiguous values); the forward reads
+// it twice (the sums, then the output written as x * scale + shift) and the backward twice (the
+// two sums of the output gradient, then the input gradient as a linear function of dy and x).
+// Sums run in the input's type within a plane and in double across planes: a single pass of sum
+// and sum of squares, shifted by the channel's first value so a large mean cannot cancel the
+// variance away.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace actuallysparse {
+namespace {
+
+void check_norm_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "the native batch norm runs on the CPU, ", what, " is on ", x.device());
+  TORCH_CHECK(x.dim() == 4, "the native batch norm takes (batch, channels, height, width), ", what, " is ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the native batch norm takes float32 or float64, ", what, " is ", x.scalar_type());
+}
+
+// A per-channel tensor (weight, bias, running statistics) of C entries in x's dtype, contiguous;
+// undefined for none.
+at::Tensor channel_vector(const c10::optional<at::Tensor>& t, int64_t channels, at::ScalarType dtype,
+                          const char* what) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->numel() == channels && t->scalar_type() == dtype && t->is_contiguous(), what,
+              " must be a contiguous (", channels, ",) tensor of ", dtype, ", got ", t->scalar_type(), " ",
+              t->sizes());
+  return *t;
+}
+
+// The loops are functions of their own: a pragma cannot sit inside AT_DISPATCH's macro argument.
+// Sums of (p[i] - shift) and of its square over one plane of n values, added to sum and squares:
+// within the plane in the input's type (vector lanes; a double accumulator made the loop twice
+// as slow), across planes in double.
+template <typename T>
+inline void add_shifted_sums(const T* p, int64_t n, T shift, double& sum, double& squares) {
+  T s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = p[i] - shift;
+    s += v;
+    q += v * v;
+  }
+  sum += s;
+  squares += q;
+}
+
+// Sums of g[i] and of g[i] * (p[i] - shift) over one plane, added to sum and dot (as above).
+template <typename T>
+inline void add_gradient_sums(const T* g, const T* p, int64_t n, T shift, double& sum, double& dot) {
+  T s = 0, d = 0;
+#pragma omp simd reduction(+ : s, d)
+  for (int64_t i = 0; i < n; ++i) {
+    s += g[i];
+    d += g[i] * (p[i] - shift);
+  }
+  sum += s;
+  dot += d;
+}
+
+// q[i] = p[i] * a + b
+template <typename T>
+inline void affine(const T* __restrict p, T* __restrict q, int64_t n, T a, T b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = p[i] * a + b;
+}
+
+// q[i] = g[i] * a + p[i] * b + c
+template <typename T>
+inline void affine2(const T* __restrict g, const T* __restrict p, T* __restrict q, int64_t n, T a, T b, T c) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = g[i] * a + p[i] * b + c;
+}
+
+// Channel-parallel work: channels are few (16 to 512) and each holds N * H * W values.
+template <typename F>
+void for_each_channel(int64_t channels, F&& body) {
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) body(c);
+  });
+}
+
+// Returns (y, mean, invstd) and updates running_mean and running_var in place (when given) with
+// `momentum`, the variance unbiased, as torch does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
+    double eps) {
+  check_norm_input(input, "input");
+  const at::Tensor x = input.contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
+  const int64_t count = batch * plane;
+  TORCH_CHECK(count > 1, "batch norm in training needs more than 1 value per channel, got input ", x.sizes());
+  const auto dtype = x.scalar_type();
+  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
+  const at::Tensor b = channel_vector(bias, channels, dtype, "bias");
+  const at::Tensor rm = channel_vector(running_mean, channels, dtype, "running_mean");
+  const at::Tensor rv = channel_vector(running_var, channels, dtype, "running_var");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({channels}, x.options());
+  at::Tensor invstd = at::empty({channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_train", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = y.data_ptr<scalar_t>();
+    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* rm_data = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
+    scalar_t* rv_data = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_data = mean.data_ptr<scalar_t>();
+    scalar_t* invstd_data = invstd.data_ptr<scalar_t>();
+    for_each_channel(channels, [&](int64_t c) {
+      const scalar_t shift = src[c * plane];
+      double sum = 0, squares = 0;
+      for (int64_t n = 0; n < batch; ++n) add_shifted_sums(src + (n * channels + c) * plane, plane, shift, sum, squares);
+      const double centred = sum / count;
+      const double var = std::max(0.0, squares / count - centred * centred);
+      const double mu = double(shift) + centred;
+      const double inv = 1.0 / std::sqrt(var + eps);
+      mean_data[c] = scalar_t(mu);
+      invstd_data[c] = scalar_t(inv);
+      if (rm_data) rm_data[c] = scalar_t((1 - momentum) * double(rm_data[c]) + momentum * mu);
+      if (rv_data) rv_data[c] = scalar_t((1 - momentum) * double(rv_data[c]) + momentum * var * count / (count - 1));
+      const double scale = inv * (w_data ? double(w_data[c]) : 1.0);
+      const scalar_t s = scalar_t(scale), t = scalar_t((b_data ? double(b_data[c]) : 0.0) - mu * scale);
+      for (int64_t n = 0; n < batch; ++n)
+        affine(src + (n * channels + c) * plane, dst + (n * channels + c) * plane, plane, s, t);
+    });
+  });
+  return {y, mean, invstd};
+}
+
+// Gradients of batch_norm_train's output with respect to the input, weight and bias, given the
+// saved mean and invstd: with xhat = (x - mean) * invstd and M values per channel,
+//   dbias = sum dy,  dweight = sum dy * xhat,
+//   dx = weight * invstd * (dy - dbias / M - xhat * dweight / M).
+// Empty tensors for gradients not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool need_input, bool need_weight, bool need_bias) {
+  check_norm_input(input, "input");
+  check_norm_input(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              "grad_out must match the input's shape and dtype, got ", grad_out.sizes(), " and ", input.sizes());
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
+  const int64_t count = batch * plane;
+  const auto dtype = x.scalar_type();
+  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
+  const at::Tensor m = channel_vector(mean, channels, dtype, "mean");
+  const at::Tensor s = channel_vector(invstd, channels, dtype, "invstd");
+  TORCH_CHECK(m.defined() && s.defined(), "the saved mean and invstd are needed");
+  at::Tensor grad_x = at::empty(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor grad_w = at::empty({need_weight ? channels : 0}, x.options());
+  at::Tensor grad_b = at::empty({need_bias ? channels : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_train_backward", [&] {
+    const scalar_t* x_data = x.data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.data_ptr<scalar_t>();
+    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mean_data = m.data_ptr<scalar_t>();
+    const scalar_t* invstd_data = s.data_ptr<scalar_t>();
+    scalar_t* dx_data = need_input ? grad_x.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dw_data = need_weight ? grad_w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* db_data = need_bias ? grad_b.data_ptr<scalar_t>() : nullptr;
+    for_each_channel(channels, [&](int64_t c) {
+      const double mu = mean_data[c], inv = invstd_data[c];
+      double sum = 0, dot = 0;  // sum dy and sum dy * (x - mean)
+      for (int64_t n = 0; n < batch; ++n)
+        add_gradient_sums(dy_data + (n * channels + c) * plane, x_data + (n * channels + c) * plane, plane,
+                          mean_data[c], sum, dot);
+      if (db_data) db_data[c] = scalar_t(sum);
+      if (dw_data) dw_data[c] = scalar_t(dot * inv);
+      if (!dx_data) return;
+      // dx = dy * k_dy + x * k_x + k_1
+      const double k_dy = inv * (w_data ? double(w_data[c]) : 1.0);
+      const double k_x = -k_dy * inv * inv * dot / count;
+      const double k_1 = -k_dy * sum / count - mu * k_x;
+      const scalar_t a = scalar_t(k_dy), bx = scalar_t(k_x), one = scalar_t(k_1);
+      for (int64_t n = 0; n < batch; ++n) {
+        const int64_t at = (n * channels + c) * plane;
+        affine2(dy_data + at, x_data + at, dx_data + at, plane, a, bx, one);
+      }
+    });
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace actuallysparse
+
+TORCH_LIBRARY_FRAGMENT(actuallysparse_kernels, m) {
+  m.def("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_train_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
+        "bool need_input, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(actuallysparse_kernels, CPU, m) {
+  m.impl("batch_norm_train", &actuallysparse::batch_norm_train);
+  m.impl("batch_norm_train_backward", &actuallysparse::batch_norm_train_backward);
+}
