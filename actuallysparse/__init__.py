@@ -7,7 +7,8 @@ Modules:
     converter   dense <-> COO <-> CSR conversion of layers and models
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
-    fusion      fuse_batchnorm: eval-mode BatchNorm folded into the sparse layer before it
+    fusion      fuse_batchnorm (eval-mode BatchNorm folded into the sparse layer before it) and
+                use_native_layers (the library's pooling and batch norm in place of torch's)
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
     dynamic     sparse from the first step: make_sparse, SET and RigL
@@ -19,7 +20,7 @@ Modules:
 """
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
-from actuallysparse.fusion import fuse_batchnorm
+from actuallysparse.fusion import fuse_batchnorm, use_native_layers
 from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
 from actuallysparse.memory import MemoryReport, stored_bytes
 from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
@@ -32,6 +33,7 @@ __all__ = [
     "convert",
     "convert_model",
     "fuse_batchnorm",
+    "use_native_layers",
     "prune_sparse_model",
     "set_global_k",
     "prune_to_sparsity",

@@ -263,6 +263,11 @@ def cell_status(out_dir: str | Path, cell: Cell, run_id: str) -> str:
     return "failed" if any(row["metric"] == FAILED_METRIC for row in rows) else "finished"
 
 
+def cell_commits(out_dir: str | Path, cells) -> set[str]:
+    """The ``git_commit`` values in the files of ``cells`` under ``out_dir`` (the code that made them)."""
+    return {row["git_commit"] for cell in cells for row in read_rows(cell_path(out_dir, cell))}
+
+
 def verified_cell_paths(out_dir: str | Path, echo: Callable[[str], None] = print) -> list[Path]:
     """Cell files under ``out_dir`` that pass their check, sorted; damaged ones are moved aside.
 

@@ -651,6 +651,12 @@ def execute_cells(
     if len(to_run) < len(plan.cells):
         echo(f"{len(plan.cells) - len(to_run)} of {len(plan.cells)} cells already done in {out_dir}; "
              f"running {len(to_run)}")
+        kept = [cell for cell in plan.cells if cell not in to_run]
+        others = sorted(records.cell_commits(out_dir, kept) - {str(environment["git_commit"])})
+        if others:
+            echo(f"warning: cells kept in {out_dir} were made by commit {', '.join(others)}, not by this checkout "
+                 f"({environment['git_commit']}); the table mixes code versions. To measure this code, give a new "
+                 f"--out or move that directory away")
     own_cluster = cluster is None and config.executor == "ray"
     if own_cluster:
         cluster = connect_executor(config, echo=echo)

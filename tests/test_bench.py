@@ -76,6 +76,13 @@ def test_conv_targets_are_checked_from_records():
               "csr_train_bytes": 20, "dense_train_bytes": 100}]
     (line,) = bench_conv.check_conv_targets([], model)
     assert "1.50x -> NOT met" in line and "vs masked 2.50x" in line and "0.200 of dense (met" in line
+    model[0].update({"layer": "VGG11_bn", "batch": 64, "dense_ms": 3.0, "masked_train_bytes": 150})
+    for name, ratio in (("csr", 1.5), ("masked", 0.6), ("csr+native", 1.9)):
+        model[0].update({f"{name}_speedup": ratio, f"{name}_speedup_lo": ratio, f"{name}_speedup_hi": ratio})
+    (line,) = bench_conv.check_conv_targets([], model)
+    assert "1.50x -> NOT met; with the library's pooling and batch norm 1.90x" in line
+    table = bench_conv.format_conv_tables([], model)
+    assert "| csr × | csr+native × |" in table and "| 1.90 " in table
 
 
 def test_interleaved_timing_varies_each_calls_predecessor():

@@ -186,6 +186,20 @@ def test_rerun_skips_finished_cells_and_runs_only_missing_ones(finished_run, mon
     assert len(records.load_table(result.table_path)) > 0
 
 
+def test_rerun_of_other_code_warns_that_kept_cells_were_made_by_another_commit(finished_run, monkeypatch):
+    config, _ = finished_run
+    said = []
+    runner.run(config, progress=False, make_plots=False, echo=said.append)
+    assert not [line for line in said if "warning" in line]       # the same code: nothing to say
+    real_columns = runner.environment_columns
+    monkeypatch.setattr(runner, "environment_columns",
+                        lambda *a, **k: {**real_columns(*a, **k), "git_commit": "feedbee"})
+    said.clear()
+    runner.run(config, progress=False, make_plots=False, echo=said.append)
+    warning = [line for line in said if line.startswith("warning")]
+    assert len(warning) == 1 and "not by this checkout (feedbee)" in warning[0] and "new --out" in warning[0]
+
+
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     from comparison.methods.torch_prune import TorchPrune
 

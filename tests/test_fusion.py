@@ -1,4 +1,6 @@
 """BatchNorm folded into the sparse layer before it gives the same outputs, on every backend."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +65,24 @@ def test_a_batchnorm_without_running_statistics_is_refused():
     model = nn.Sequential(convert(nn.Conv2d(3, 4, 3), "csr"), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     with pytest.raises(ValueError, match="keeps no running statistics"):
         fuse_batchnorm(model)
+
+
+def test_native_layers_take_torch_s_pooling_and_norms_and_compute_the_same(backend):
+    from actuallysparse.fusion import use_native_layers
+    from actuallysparse.normalization import BatchNorm2d
+    from actuallysparse.pooling import MaxPool2x2
+
+    model = _model().train()
+    model.append(nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, 1), nn.MaxPool2d((2, 2), ceil_mode=True)))
+    reference = copy.deepcopy(model)
+    assert use_native_layers(model) == 2                  # the BatchNorm2d and the 2x2 pooling of stride 2
+    assert type(model[1]) is BatchNorm2d and type(model[3]) is MaxPool2x2
+    assert all(type(pool) is nn.MaxPool2d for pool in model[7])     # other poolings are left as they are
+    assert type(model[6]) is nn.BatchNorm1d
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(model[:7](x), reference[:7](x))      # training mode: batch statistics
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    model.eval()
+    reference.eval()
+    assert fuse_batchnorm(model) == 2                     # the library's norm folds like torch's
+    torch.testing.assert_close(model[:7](x), reference[:7](x))
