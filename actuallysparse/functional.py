@@ -25,8 +25,8 @@ positions, row-major, each output took) and ``max_pool2x2_backward(grad_out, whe
 width)``, on the same two backends (:mod:`actuallysparse.pooling` wraps them).
 
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
-:mod:`actuallysparse.kernels` (float32/float64, int32 indices; ``dx`` is scattered along ``W``'s
-own rows, so no step gathers or copies the values), and ``torch``, built on torch's
+:mod:`actuallysparse.kernels` (float32/float64, int32 row pointers, int32 or int16 columns; ``dx``
+is scattered along ``W``'s own rows, so no step gathers or copies the values), and ``torch``, built on torch's
 sparse CSR operations (MKL on the CPU; any device, dtype and index type). :func:`backend_for`
 chooses: native on the CPU, torch for other devices, int64 indices or other dtypes, and torch
 (with one warning) when the kernels cannot be built. The environment variable
@@ -102,7 +102,7 @@ def transpose_pattern(crow: Tensor, col: Tensor, in_features: int) -> Transposed
     """Build the CSR pattern of the transposed matrix (done once per pattern, not per step)."""
     rows = rows_from_crow(crow)
     order = torch.argsort(col.long() * (len(crow) - 1) + rows, stable=True)
-    index_dtype = col.dtype
+    index_dtype = crow.dtype  # the columns may be int16; pointers and positions need the pointers' type
     return TransposedPattern(
         crow=crow_from_rows(col[order], in_features, index_dtype),
         col=rows[order].to(index_dtype).contiguous(),
@@ -111,7 +111,8 @@ def transpose_pattern(crow: Tensor, col: Tensor, in_features: int) -> Transposed
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    # torch's CSR tensors take int32 or int64 indices of one type: int16 columns are widened
+    return torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, shape, check_invariants=False)
 
 
 def _csr_times_rows(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -306,7 +307,7 @@ def backend_for(x: Tensor, crow: Tensor | None = None) -> Backend:
     """The backend that computes a layer's products for input ``x`` and a pattern indexed like ``crow``
     (``None`` for a product with no pattern, such as pooling).
 
-    Native on the CPU for float32/float64 with int32 indices; torch for any other device,
+    Native on the CPU for float32/float64 with int32 row pointers; torch for any other device,
     dtype or index type. Forcing ``native`` where it cannot run raises; where the kernels
     cannot be built, the torch backend runs, after one warning saying why.
     """
@@ -693,7 +694,7 @@ def sparse_linear(
         x: dense input, ``(batch, in_features)``.
         values: the ``nnz`` non-zeros of ``W`` in row-major order.
         bias: ``(out_features,)`` or ``None``.
-        crow, col: CSR pattern of ``W`` (int32 or int64).
+        crow, col: CSR pattern of ``W`` (int32 or int64 row pointers; columns of that type or int16).
         shape: ``(out_features, in_features)``.
         transposed: cached pattern of ``W.T``, or a function returning it (called in eager
             mode only, and only for a backend that reads it: while torch.compile or torch.export

@@ -44,9 +44,9 @@ class SparseLayer(SparseModule):
     Attributes:
         values: the learnable non-zero weights, shape ``(nnz,)``, in row-major order.
         bias: the learnable bias, shape ``(out_features,)``, or ``None``.
-        indices: COO only, ``(2, nnz)`` row and column of each value (int32 where it fits).
-        row_indices, col_indices: CSR only, row pointers ``(out_features + 1,)`` and
-            column indices ``(nnz,)``.
+        indices: COO only, ``(2, nnz)`` row and column of each value (int16 where both fit).
+        row_indices, col_indices: CSR only, row pointers ``(out_features + 1,)`` (int32) and
+            column indices ``(nnz,)`` (int16 where ``in_features`` fits, else int32).
         weight: the weight as a torch sparse tensor (COO or CSR), ``(out_features, in_features)``.
 
     A new layer starts fully dense with ``nn.Linear``'s initialisation; convert a

@@ -102,7 +102,7 @@ def test_coo_and_csr_compute_alike(backend):
     csr = convert(coo, "csr")
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(coo(x), csr(x))
-    assert coo.indices.dtype == torch.int32 and csr.col_indices.dtype == torch.int32
+    assert coo.indices.dtype == torch.int16 and csr.col_indices.dtype == torch.int16   # compact where they fit
 
 
 def test_repr_in_the_conv2d_manner():
@@ -270,3 +270,15 @@ def test_single_image_with_rows_wider_than_the_vectors(backend, dtype):
         dense, sparse = _masked_pair(3, 4, 3, stride, 1, 1, True, dtype=dtype)
         x = torch.randn(1, 3, 9, width, dtype=dtype)
         torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
+
+
+def test_a_row_too_wide_for_16_bit_columns_keeps_int32_and_computes_alike(backend):
+    # 3641 channels x 3 x 3 = 32769 columns: the last does not fit int16
+    dense, sparse = _masked_pair(3641, 2, 3, 1, 1, 1, True, density=0.01)
+    assert sparse.col_indices.dtype == torch.int32
+    x = torch.randn(2, 3641, 3, 3, dtype=torch.float64, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(sparse(x), dense(x_dense), **_tolerance(torch.float64))
+    sparse(x).sum().backward()
+    dense(x_dense).sum().backward()
+    torch.testing.assert_close(x.grad, x_dense.grad, **_tolerance(torch.float64))

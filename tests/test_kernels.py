@@ -17,8 +17,8 @@ from actuallysparse.converter import convert
 from actuallysparse.functional import sparse_linear, transpose_pattern
 from actuallysparse.pruning import prune_to_sparsity
 
-def _pattern(out_features, in_features, density, dtype, empty_row=True, empty_col=True):
-    """A random CSR weight (int32 indices) with an empty row and column, and its dense copy."""
+def _pattern(out_features, in_features, density, dtype, empty_row=True, empty_col=True, column_dtype=torch.int32):
+    """A random CSR weight (int32 row pointers) with an empty row and column, and its dense copy."""
     dense = torch.randn(out_features, in_features, dtype=torch.float64)
     dense *= torch.rand(out_features, in_features) < density
     if empty_row:
@@ -28,7 +28,7 @@ def _pattern(out_features, in_features, density, dtype, empty_row=True, empty_co
     dense = dense.to(dtype)
     csr = dense.to_sparse_csr()
     crow = csr.crow_indices().to(torch.int32)
-    col = csr.col_indices().to(torch.int32)
+    col = csr.col_indices().to(column_dtype)
     return dense, crow, col, csr.values().clone()
 
 
@@ -40,11 +40,12 @@ SHAPES = [(37, 29), (5, 70), (64, 16)]
 BATCHES = [1, 3, 17, 70]
 
 
+@pytest.mark.parametrize("column_dtype", [torch.int32, torch.int16])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_products_match_masked_dense(backend, dtype, out_features, in_features, batch):
-    dense, crow, col, values = _pattern(out_features, in_features, 0.3, dtype)
+def test_products_match_masked_dense(backend, dtype, out_features, in_features, batch, column_dtype):
+    dense, crow, col, values = _pattern(out_features, in_features, 0.3, dtype, column_dtype=column_dtype)
     x = torch.randn(batch, in_features, dtype=dtype)
     bias = torch.randn(out_features, dtype=dtype)
     grad_out = torch.randn(batch, out_features, dtype=dtype)
@@ -92,9 +93,10 @@ def test_no_non_zeros(backend):
     assert backend.grad_values(torch.ones(4, 6, dtype=torch.float64), x, crow, col).shape == (0,)
 
 
+@pytest.mark.parametrize("column_dtype", [torch.int32, torch.int16])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_gradcheck(backend, batch):
-    dense, crow, col, values = _pattern(9, 13, 0.4, torch.float64)
+def test_gradcheck(backend, batch, column_dtype):
+    dense, crow, col, values = _pattern(9, 13, 0.4, torch.float64, column_dtype=column_dtype)
     transposed = transpose_pattern(crow, col, 13)
     x = torch.randn(batch, 13, dtype=torch.float64, requires_grad=True)
     values = values.requires_grad_()
@@ -177,6 +179,9 @@ def test_bad_environment_values(monkeypatch):
     monkeypatch.setenv(functional.BACKEND_VARIABLE, "native")
     with pytest.raises(RuntimeError, match="int32"):
         functional.backend_for(x, crow.long())
+    if kernels.is_available():
+        with pytest.raises(RuntimeError, match="int32 row pointers and int32 or int16 column indices, got Int and Long"):
+            kernels.forward(x, torch.zeros(0), None, crow, torch.zeros(0, dtype=torch.int64), 3)
     if kernels.is_available():
         monkeypatch.setenv(kernels.ISA_VARIABLE, "sse9")
         with pytest.raises(ValueError, match="ACTUALLYSPARSE_ISA"):

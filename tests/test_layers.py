@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from actuallysparse.converter import convert
 from actuallysparse.layers import SparseLayer, new_random_basic_coo, new_random_basic_csr
+from actuallysparse.memory import stored_bytes
 
 FORMATS = ["coo", "csr"]
 SHAPES = [(1, 1), (3, 1), (1, 5), (12, 7), (33, 64)]
@@ -87,11 +89,39 @@ def test_weight_is_sparse_out_by_in(constructor, layout):
     assert layer.weight.shape == (5, 3)
 
 
+def _index_dtypes(layer):
+    return {name: t.dtype for name, t in layer.named_buffers() if t is not None}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_int32_indices(fmt):
-    layer = SparseLayer(8, 8, csr_mode=(fmt == "csr"))
-    buffers = dict(layer.named_buffers())
-    assert buffers and all(t.dtype == torch.int32 for t in buffers.values())
+def test_compact_indices_where_they_fit(fmt):
+    # 16-bit columns (and COO rows) where every index fits, int32 row pointers
+    expected = ({"row_indices": torch.int32, "col_indices": torch.int16} if fmt == "csr"
+                else {"indices": torch.int16, "_crow": torch.int32})
+    assert _index_dtypes(SparseLayer(8, 8, csr_mode=(fmt == "csr"))) == expected
+    assert stored_bytes(SparseLayer(8, 8, csr_mode=(fmt == "csr"))).by_category["indices"] == (
+        9 * 4 + 64 * 2 if fmt == "csr" else 2 * 64 * 2)        # COO's pointers are a compute cache
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_indices_widen_to_int32_only_where_a_width_needs_it(fmt):
+    wide = convert(nn.Linear(32769, 2), fmt)                   # column 32768 does not fit int16
+    tall = convert(nn.Linear(2, 32769), fmt)                   # rows only: CSR keeps 16-bit columns
+    assert wide.col_indices.dtype == torch.int32 if fmt == "csr" else wide.indices.dtype == torch.int32
+    assert tall.col_indices.dtype == torch.int16 if fmt == "csr" else tall.indices.dtype == torch.int32
+    x = torch.randn(3, 32769)
+    torch.testing.assert_close(wide(x), x @ wide.dense_weight().T + wide.bias)
+
+
+def test_a_state_dict_saved_with_int32_indices_loads_into_compact_ones(sparse_pair):
+    _, pruned = sparse_pair(10, 6, fmt="csr", sparsity=0.7)
+    state = {key: value.to(torch.int32) if key.endswith("indices") else value
+             for key, value in pruned.state_dict().items()}       # as this package stored them before
+    assert state["col_indices"].dtype == torch.int32
+    fresh = SparseLayer(10, 6, csr_mode=True)
+    fresh.load_state_dict(state)
+    assert fresh.col_indices.dtype == torch.int16
+    assert torch.equal(fresh.weight.to_dense(), pruned.weight.to_dense())
 
 
 class TestPruning:
@@ -259,7 +289,8 @@ class TestState:
         dense, layer = sparse_pair(6, 4, fmt=fmt, sparsity=0.5)
         layer.to(torch.float64)
         assert layer.values.dtype == torch.float64 and layer.bias.dtype == torch.float64
-        assert all(b.dtype == torch.int32 for b in layer.buffers())
+        assert _index_dtypes(layer) == ({"row_indices": torch.int32, "col_indices": torch.int16} if fmt == "csr"
+                                        else {"indices": torch.int16, "_crow": torch.int32})
         x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
         layer(x).sum().backward()
         torch.testing.assert_close(layer(x), dense.double()(x))

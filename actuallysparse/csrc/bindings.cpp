@@ -50,12 +50,35 @@ void check_isa(const std::string& isa) {
 }
 
 void check_pattern(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows) {
-  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt,
-              "the native kernels take int32 indices, got ", crow.scalar_type(), " and ", col.scalar_type());
+  TORCH_CHECK(crow.scalar_type() == at::kInt && (col.scalar_type() == at::kInt || col.scalar_type() == at::kShort),
+              "the native kernels take int32 row pointers and int32 or int16 column indices, got ",
+              crow.scalar_type(), " and ", col.scalar_type());
   TORCH_CHECK(crow.dim() == 1 && crow.numel() == n_rows + 1, "row pointers must have ", n_rows + 1,
               " entries, got ", crow.sizes());
   TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), "pattern indices must be contiguous");
   TORCH_CHECK(crow.device().is_cpu() && col.device().is_cpu(), "the native kernels run on the CPU");
+}
+
+// Calls body(I{}) with I the column indices' type (int32_t or int16_t; check_pattern allows only these).
+template <typename F>
+void with_column_type(const at::Tensor& col, F&& body) {
+  if (col.scalar_type() == at::kShort) {
+    body(int16_t{});
+  } else {
+    body(int32_t{});
+  }
+}
+
+template <typename T, typename I>
+auto spmm_kernel(const KernelTable<T>& table) {
+  if constexpr (sizeof(I) == 2) return table.spmm16;
+  else return table.spmm;
+}
+
+template <typename T, typename I>
+auto backward_kernel(const KernelTable<T>& table) {
+  if constexpr (sizeof(I) == 2) return table.backward16;
+  else return table.backward;
 }
 
 // The input and values a product takes: on the CPU, float32 or float64 alike, one value per non-zero.
@@ -133,17 +156,21 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = tile_width(batch, table.lanes);
     const at::Tensor packed = pack<scalar_t>(x, tw);
-    SpmmArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
-                            packed.data_ptr<scalar_t>(), x.size(1), tw, batch, out.data_ptr<scalar_t>(),
-                            n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr};
-    const int64_t n_tiles = packed.size(0);
-    constexpr int64_t kChunk = 64;  // rows per work item: 4 row blocks
-    const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
-    at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / n_chunks, r0 = (item % n_chunks) * kChunk;
-        table.spmm(args, t, r0, std::min(n_rows, r0 + kChunk));
-      }
+    with_column_type(col, [&](auto column) {
+      using I = decltype(column);
+      SpmmArgs<scalar_t, I> args{crow.data_ptr<int32_t>(), col.data_ptr<I>(), vals.data_ptr<scalar_t>(),
+                                 packed.data_ptr<scalar_t>(), x.size(1), tw, batch, out.data_ptr<scalar_t>(),
+                                 n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr};
+      const auto kernel = spmm_kernel<scalar_t, I>(table);
+      const int64_t n_tiles = packed.size(0);
+      constexpr int64_t kChunk = 64;  // rows per work item: 4 row blocks
+      const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
+      at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t t = item / n_chunks, r0 = (item % n_chunks) * kChunk;
+          kernel(args, t, r0, std::min(n_rows, r0 + kChunk));
+        }
+      });
     });
   });
   return out;
@@ -183,24 +210,29 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
     const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
     // zeroed tile by tile just before each is scattered into (see the convolution's backward)
     at::Tensor acc = need_input ? at::empty({slices, n_tiles, in_features, tw}, x.options()) : at::Tensor();
-    BackwardArgs<scalar_t> args{crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
-                                packed_rows.data_ptr<scalar_t>(),
-                                need_values ? packed_cols.data_ptr<scalar_t>() : nullptr, n_rows, in_features, tw,
-                                need_values ? grad_values.data_ptr<scalar_t>() : nullptr};
     scalar_t* acc_data = need_input ? acc.data_ptr<scalar_t>() : nullptr;
     const int32_t* crow_data = crow.data_ptr<int32_t>();
     const int64_t nnz = col.numel();
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t r0 = s == 0 ? 0 : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices) - crow_data;
-        const int64_t r1 = s + 1 == slices ? n_rows
-            : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices) - crow_data;
-        for (int64_t t = 0; t < n_tiles; ++t) {
-          scalar_t* tile_acc = acc_data ? acc_data + (s * n_tiles + t) * in_features * tw : nullptr;
-          if (tile_acc) std::fill(tile_acc, tile_acc + in_features * tw, scalar_t(0));
-          table.backward(args, t, r0, r1, tile_acc, t > 0);
+    with_column_type(col, [&](auto column) {
+      using I = decltype(column);
+      BackwardArgs<scalar_t, I> args{crow_data, col.data_ptr<I>(), vals.data_ptr<scalar_t>(),
+                                     packed_rows.data_ptr<scalar_t>(),
+                                     need_values ? packed_cols.data_ptr<scalar_t>() : nullptr, n_rows, in_features, tw,
+                                     need_values ? grad_values.data_ptr<scalar_t>() : nullptr};
+      const auto kernel = backward_kernel<scalar_t, I>(table);
+      at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const int64_t r0 = s == 0 ? 0
+              : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices) - crow_data;
+          const int64_t r1 = s + 1 == slices ? n_rows
+              : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices) - crow_data;
+          for (int64_t t = 0; t < n_tiles; ++t) {
+            scalar_t* tile_acc = acc_data ? acc_data + (s * n_tiles + t) * in_features * tw : nullptr;
+            if (tile_acc) std::fill(tile_acc, tile_acc + in_features * tw, scalar_t(0));
+            kernel(args, t, r0, r1, tile_acc, t > 0);
+          }
         }
-      }
+      });
     });
     if (!need_input) return;
     scalar_t* dst = grad_x.data_ptr<scalar_t>();
@@ -264,14 +296,16 @@ at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j, ++at)
         table[at] = static_cast<int32_t>((c * g.padded_h + i * g.dh) * g.padded_w + j * g.dw);
-  at::Tensor off = at::empty({col.numel()}, col.options());
-  const int32_t* src = col.data_ptr<int32_t>();
+  at::Tensor off = at::empty({col.numel()}, col.options().dtype(at::kInt));
   int32_t* dst = off.data_ptr<int32_t>();
-  for (int64_t k = 0; k < col.numel(); ++k) {
-    TORCH_CHECK(src[k] >= 0 && src[k] < columns, "a non-zero's column ", src[k], " lies outside the ", columns,
-                " columns of ", g.channels, " input channels x ", g.kh, "x", g.kw, " taps");
-    dst[k] = table[src[k]];
-  }
+  with_column_type(col, [&](auto column) {
+    const auto* src = col.data_ptr<decltype(column)>();
+    for (int64_t k = 0; k < col.numel(); ++k) {
+      TORCH_CHECK(src[k] >= 0 && src[k] < columns, "a non-zero's column ", src[k], " lies outside the ", columns,
+                  " columns of ", g.channels, " input channels x ", g.kh, "x", g.kw, " taps");
+      dst[k] = table[src[k]];
+    }
+  });
   return off;
 }
 
@@ -282,18 +316,20 @@ at::Tensor channel_block_ptr(const at::Tensor& crow, const at::Tensor& col, int6
   const int64_t n_blocks = (g.channels + block_channels - 1) / block_channels;
   at::Tensor ptr = at::empty({n_rows, n_blocks + 1}, crow.options());
   const int32_t* rows = crow.data_ptr<int32_t>();
-  const int32_t* cols = col.data_ptr<int32_t>();
   int32_t* out = ptr.data_ptr<int32_t>();
   const int64_t span = block_channels * g.kh * g.kw;
-  for (int64_t o = 0; o < n_rows; ++o) {
-    int32_t k = rows[o];
-    int32_t* row = out + o * (n_blocks + 1);
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      row[b] = k;
-      while (k < rows[o + 1] && cols[k] < (b + 1) * span) ++k;
+  with_column_type(col, [&](auto column) {
+    const auto* cols = col.data_ptr<decltype(column)>();
+    for (int64_t o = 0; o < n_rows; ++o) {
+      int32_t k = rows[o];
+      int32_t* row = out + o * (n_blocks + 1);
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        row[b] = k;
+        while (k < rows[o + 1] && cols[k] < (b + 1) * span) ++k;
+      }
+      row[n_blocks] = rows[o + 1];
     }
-    row[n_blocks] = rows[o + 1];
-  }
+  });
   return ptr;
 }
 

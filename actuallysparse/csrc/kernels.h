@@ -1,4 +1,5 @@
-// Sparse linear kernels: the three products of y = x W^T + b with W in CSR (int32).
+// Sparse linear kernels: the three products of y = x W^T + b with W in CSR (int32 row pointers;
+// int32 or, where a row's width fits, 16-bit column indices: 6 bytes a non-zero instead of 8).
 //
 // This header is torch-free so the per-instruction-set translation units compile fast;
 // bindings.cpp owns threading (at::parallel_for) and calls the entry points below on
@@ -24,10 +25,10 @@
 
 namespace actuallysparse {
 
-template <typename T>
+template <typename T, typename I = int32_t>
 struct SpmmArgs {
   const int32_t* crow;   // (n_rows + 1,) row pointers of the pattern
-  const int32_t* col;    // (nnz,) column of each non-zero: a row of the packed operand
+  const I* col;          // (nnz,) column of each non-zero: a row of the packed operand
   const T* values;       // (nnz,) non-zeros
   const T* packed;       // packed operand, n_tiles tiles of k_rows * tw elements
   int64_t k_rows;        // rows of the packed operand
@@ -38,10 +39,10 @@ struct SpmmArgs {
   const T* bias;         // (n_rows,) or null
 };
 
-template <typename T>
+template <typename T, typename I = int32_t>
 struct BackwardArgs {
   const int32_t* crow;   // (n_rows + 1,) row pointers of W
-  const int32_t* col;    // (nnz,)
+  const I* col;          // (nnz,)
   const T* values;       // (nnz,) W's values in their stored order
   const T* packed_rows;  // packed output gradient: tile rows are W's rows
   const T* packed_cols;  // packed input (tile rows are W's columns), or null without grad_values
@@ -115,6 +116,10 @@ struct KernelTable {
   //   acc_tile[col_k] += values[k] * packed_rows[tile][row_k]                  (if acc_tile)
   void (*backward)(const BackwardArgs<T>&, int64_t tile, int64_t row_begin, int64_t row_end, T* acc_tile,
                    bool accumulate);
+  // the same two over 16-bit column indices
+  void (*spmm16)(const SpmmArgs<T, int16_t>&, int64_t tile, int64_t row_begin, int64_t row_end);
+  void (*backward16)(const BackwardArgs<T, int16_t>&, int64_t tile, int64_t row_begin, int64_t row_end,
+                     T* acc_tile, bool accumulate);
   // Convolution: output pixels [p_begin, p_begin + 16) of channels [o_begin, o_end) on batch tile `tile`;
   // with a tile width of 1 (one image, stride 1 along the width), run p_begin (see conv_single_runs).
   void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end);

@@ -27,6 +27,10 @@ struct Avx2F32 {
   static reg gather(const T* base, const int32_t* idx) {
     return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
   }
+  static reg gather16(const T* base, const int16_t* idx) {
+    return _mm256_i32gather_ps(base, _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx))),
+                               4);
+  }
   static void storeu(T* p, reg a) { _mm256_storeu_ps(p, a); }
   // lane i of the result = sum of acc[i]'s lanes
   static reg reduce_lanes(const reg* acc) {
@@ -56,6 +60,9 @@ struct Avx2F64 {
   static reg loadu(const T* p) { return _mm256_loadu_pd(p); }
   static reg gather(const T* base, const int32_t* idx) {
     return _mm256_i32gather_pd(base, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), 8);
+  }
+  static reg gather16(const T* base, const int16_t* idx) {
+    return _mm256_i32gather_pd(base, _mm_cvtepi16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx))), 8);
   }
   static void storeu(T* p, reg a) { _mm256_storeu_pd(p, a); }
   static reg reduce_lanes(const reg* acc) {

@@ -22,6 +22,10 @@ struct Avx512F32 {
   static reg gather(const T* base, const int32_t* idx) {
     return _mm512_i32gather_ps(_mm512_loadu_si512(idx), base, 4);
   }
+  static reg gather16(const T* base, const int16_t* idx) {
+    return _mm512_i32gather_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx))),
+                               base, 4);
+  }
   static void storeu(T* p, reg a) { _mm512_storeu_ps(p, a); }
   // lane i of the result = sum of acc[i]'s lanes: fold each to 256 bits, then two 8-way
   // transposing reductions.
@@ -57,6 +61,10 @@ struct Avx512F64 {
   static reg loadu(const T* p) { return _mm512_loadu_pd(p); }
   static reg gather(const T* base, const int32_t* idx) {
     return _mm512_i32gather_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), base, 8);
+  }
+  static reg gather16(const T* base, const int16_t* idx) {
+    return _mm512_i32gather_pd(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx))), base,
+                               8);
   }
   static void storeu(T* p, reg a) { _mm512_storeu_pd(p, a); }
   static reg reduce_lanes(const reg* acc) {
