@@ -356,14 +356,15 @@ def _main_conv(args) -> int:
         model = []
     else:
         layers = bench_conv.run_conv_layers(rounds=args.rounds, peers=peers)
-        model = bench_conv.run_conv_model(rounds=args.rounds, peers=peers)
+        model = [record for batch in bench_conv.DEFAULT_MODEL_BATCHES
+                 for record in bench_conv.run_conv_model(batch=batch, rounds=args.rounds, peers=peers)]
     print(header())
     print(f"speedup = dense ms / variant ms (>1: faster than dense), median of {args.rounds if not args.quick else 1} "
           f"round(s) (lowest–highest round in brackets); model MiB = bytes held training with Adam")
     print(bench_conv.format_conv_tables(layers, model))
     targets = bench_conv.check_conv_targets(layers, model)
     if targets:
-        print("\nTargets (B=64):")
+        print("\nTargets (layers at B=64):")
         print("\n".join(targets))
     if args.csv:
         _write_csv(args.csv, layers + model)

@@ -72,17 +72,22 @@ def test_conv_targets_are_checked_from_records():
     (line,) = bench_conv.check_conv_targets(layers, [])
     assert "lowest 2.50x (128->256 @8x8) -> met" in line          # the 64-channel layer is not a target
     assert "csr ÷ SparseProp lowest 1.20x (NOT met" in line
-    model = [{"sparsity": 0.9, "mode": "train", "csr_speedup": 1.5, "csr_ms": 2.0, "masked_ms": 5.0,
+    model = [{"sparsity": 0.9, "mode": "train", "batch": 64, "csr_speedup": 1.5, "csr_ms": 2.0, "masked_ms": 5.0,
               "csr_train_bytes": 20, "dense_train_bytes": 100}]
     (line,) = bench_conv.check_conv_targets([], model)
-    assert "1.50x -> NOT met" in line and "vs masked 2.50x" in line and "0.200 of dense (met" in line
-    model[0].update({"layer": "VGG11_bn", "batch": 64, "dense_ms": 3.0, "masked_train_bytes": 150})
-    for name, ratio in (("csr", 1.5), ("masked", 0.6), ("csr+native", 1.9)):
+    assert "B=64: csr 1.50x dense (target >= 2.8x: NOT met); 2.50x the masked model (NOT met >= 3x)" in line
+    assert "0.200 of dense (met" in line
+    model[0].update({"layer": "VGG11_bn", "dense_ms": 3.0, "masked_train_bytes": 150, "csr+native_ms": 1.0})
+    for name, ratio in (("csr", 1.5), ("masked", 0.6), ("csr+native", 3.0)):
         model[0].update({f"{name}_speedup": ratio, f"{name}_speedup_lo": ratio, f"{name}_speedup_hi": ratio})
     (line,) = bench_conv.check_conv_targets([], model)
-    assert "1.50x -> NOT met; with the library's pooling and batch norm 1.90x" in line
+    assert "with the library's pooling and batch norm 3.00x (target >= 2.8x: met); 5.00x the masked model (met" in line
+    model.append({**model[0], "mode": "inference", "batch": 1, "openvino_ms": 1.5})
+    line = bench_conv.check_conv_targets([], model)[1]
+    assert "B=1: csr 1.50x dense, with the library's pooling and batch norm 3.00x (target >= 4.0x: NOT met)" in line
+    assert "; 1.50x OpenVINO's faster mode (NOT met >= 2x)" in line
     table = bench_conv.format_conv_tables([], model)
-    assert "| csr × | csr+native × |" in table and "| 1.90 " in table
+    assert "| csr × | csr+native × |" in table and "| 3.00 " in table
 
 
 def test_interleaved_timing_varies_each_calls_predecessor():
