@@ -528,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
         for (int64_t s = begin; s < end; ++s) {
           const int64_t r0 = slice_start(crow_data, n_rows, nnz, s, slices);
           const int64_t r1 = slice_start(crow_data, n_rows, nnz, s + 1, slices);
-          for (int64_t t = 0; t < n_tiles; ++t) table.conv_grad_values(args, t, r0, r1, t > 0);
+          table.conv_grad_values(args, n_tiles, r0, r1);
         }
       });
     }

@@ -227,41 +227,42 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
   }
 }
 
-// Value gradient of channels [o_begin, o_end) on one batch tile, added to grad_values when
-// `accumulate`: dv[k] = sum over pixels p and batch columns j of g[o][p][j] * x[off_k + base_p][j],
-// four non-zeros at a time (two accumulators each, eight chains).
+// Value gradient of channels [o_begin, o_end) over batch tiles [0, n_tiles):
+// dv[k] = sum over tiles, pixels p and batch columns j of g[o][p][j] * x[off_k + base_p][j], four
+// non-zeros at a time (two accumulators each, eight chains). The tiles are summed in registers
+// and each non-zero's lanes reduced once: reduced per tile, the horizontal sums and the stores
+// cost as much as the products in the 2x2 and 4x4 layers (16 and 32 products a non-zero a tile).
 template <typename V, int NV>
-void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int64_t o_begin, int64_t o_end,
-                         bool accumulate) {
+void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_tiles, int64_t o_begin,
+                         int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
   constexpr int KB = 4;
   const int64_t pixels = a.out_h * a.out_w;
-  const T* grad = a.packed_grad + tile * a.n_rows * pixels * TW;
-  const T* input = a.packed_input + tile * a.in_rows * TW;
+  const int64_t grad_tile = a.n_rows * pixels * TW, input_tile = a.in_rows * TW;
   for (int64_t index = 0; index < a.n_blocks * (o_end - o_begin); ++index) {
     const int64_t block = index / (o_end - o_begin), o = o_begin + index % (o_end - o_begin);
     const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
     const int32_t begin = ptr[0], end = ptr[1];
-    const T* g_channel = grad + o * pixels * TW;
     for (int32_t k0 = begin; k0 < end; k0 += KB) {
       const int kb = (end - k0) < KB ? (end - k0) : KB;
-      const T* src[KB];
-      for (int j = 0; j < KB; ++j) src[j] = input + static_cast<int64_t>(a.off[k0 + (j < kb ? j : 0)]) * TW;
+      int64_t off[KB];
+      for (int j = 0; j < KB; ++j) off[j] = static_cast<int64_t>(a.off[k0 + (j < kb ? j : 0)]) * TW;
       typename V::reg acc[KB][2];
       for (int j = 0; j < KB; ++j) acc[j][0] = acc[j][1] = V::zero();
-      for (int64_t p = 0; p < pixels; ++p) {
-        const int64_t at = static_cast<int64_t>(a.pixel_base[p]) * TW;
-        for (int v = 0; v < NV; ++v) {
-          const typename V::reg g = V::load(g_channel + p * TW + v * W);
-          for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(src[j] + at + v * W), acc[j][v & 1]);
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const T* g_channel = a.packed_grad + t * grad_tile + o * pixels * TW;
+        const T* input = a.packed_input + t * input_tile;
+        for (int64_t p = 0; p < pixels; ++p) {
+          const int64_t at = static_cast<int64_t>(a.pixel_base[p]) * TW;
+          for (int v = 0; v < NV; ++v) {
+            const typename V::reg g = V::load(g_channel + p * TW + v * W);
+            for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(input + off[j] + at + v * W), acc[j][v & 1]);
+          }
         }
       }
-      for (int j = 0; j < kb; ++j) {
-        const T sum = V::hsum(V::add(acc[j][0], acc[j][1]));
-        a.grad_values[k0 + j] = accumulate ? a.grad_values[k0 + j] + sum : sum;
-      }
+      for (int j = 0; j < kb; ++j) a.grad_values[k0 + j] = V::hsum(V::add(acc[j][0], acc[j][1]));
     }
   }
 }
@@ -279,13 +280,12 @@ void conv_grad_input(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int
 }
 
 template <typename V>
-void conv_grad_values(const ConvBackwardArgs<typename V::T>& a, int64_t tile, int64_t o_begin, int64_t o_end,
-                      bool accumulate) {
+void conv_grad_values(const ConvBackwardArgs<typename V::T>& a, int64_t n_tiles, int64_t o_begin, int64_t o_end) {
   switch (a.tw / V::lanes) {
-    case 1: return conv_grad_values_nv<V, 1>(a, tile, o_begin, o_end, accumulate);
-    case 2: return conv_grad_values_nv<V, 2>(a, tile, o_begin, o_end, accumulate);
-    case 3: return conv_grad_values_nv<V, 3>(a, tile, o_begin, o_end, accumulate);
-    case 4: return conv_grad_values_nv<V, 4>(a, tile, o_begin, o_end, accumulate);
+    case 1: return conv_grad_values_nv<V, 1>(a, n_tiles, o_begin, o_end);
+    case 2: return conv_grad_values_nv<V, 2>(a, n_tiles, o_begin, o_end);
+    case 3: return conv_grad_values_nv<V, 3>(a, n_tiles, o_begin, o_end);
+    case 4: return conv_grad_values_nv<V, 4>(a, n_tiles, o_begin, o_end);
     default: return;
   }
 }

@@ -125,9 +125,8 @@ struct KernelTable {
   void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end);
   // Scatter the input gradient of channels [o_begin, o_end) into acc (one padded tile).
   void (*conv_grad_input)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end, T* acc);
-  // grad_values of channels [o_begin, o_end) from one tile, added when `accumulate`.
-  void (*conv_grad_values)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end,
-                           bool accumulate);
+  // grad_values of channels [o_begin, o_end), summed over batch tiles [0, n_tiles).
+  void (*conv_grad_values)(const ConvBackwardArgs<T>&, int64_t n_tiles, int64_t o_begin, int64_t o_end);
 };
 
 KernelTable<float> scalar_table_f32();
