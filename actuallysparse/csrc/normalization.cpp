@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "image_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,13 +24,7 @@
 namespace actuallysparse {
 namespace {
 
-void check_norm_input(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu(), "the native batch norm runs on the CPU, ", what, " is on ", x.device());
-  TORCH_CHECK(x.dim() == 4, "the native batch norm takes (batch, channels, height, width), ", what, " is ",
-              x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native batch norm takes float32 or float64, ", what, " is ", x.scalar_type());
-}
+void check_norm_input(const at::Tensor& x, const char* what) { check_image_batch(x, "batch norm", what); }
 
 // A per-channel tensor (weight, bias, running statistics) of C entries in x's dtype, contiguous;
 // undefined for none.

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "image_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,13 +25,7 @@
 namespace actuallysparse {
 namespace {
 
-void check_pool_input(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu(), "the native max pooling runs on the CPU, ", what, " is on ", x.device());
-  TORCH_CHECK(x.dim() == 4, "the native max pooling takes (batch, channels, height, width), ", what, " is ",
-              x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native max pooling takes float32 or float64, ", what, " is ", x.scalar_type());
-}
+void check_pool_input(const at::Tensor& x, const char* what) { check_image_batch(x, "max pooling", what); }
 
 // Outputs handled together: the walk over windows copies their four inputs into four small
 // arrays, and the choice runs over those arrays as plain vector selects. Rows of VGG's later
