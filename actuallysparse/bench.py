@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conv", action="store_true",
                         help="benchmark sparse convolutions instead: VGG11's CIFAR conv layers at 0.9 and 0.95, "
                              "B=64, and the whole pruned VGG11_bn (see actuallysparse.bench_conv)")
+    parser.add_argument("--conv-width", type=float, default=None,
+                        help="with --conv: time every convolution of VGG11 at this width (the harness's model is "
+                             "0.25) at 0.9, batch 1 and 64, instead of the default tables")
     parser.add_argument("--dynamic", action="store_true",
                         help="benchmark dynamic sparse training instead: RigL's amortised step against the "
                              "fixed-pattern sparse step and masked RigL, 4096x4096 and VGG11_bn at 0.9, B=64 "
@@ -350,6 +353,19 @@ def _main_conv(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     peers = not args.no_peers
+    if args.conv_width is not None:
+        shapes = bench_conv.vgg11_cifar_convs(args.conv_width)
+        layers = bench_conv.run_conv_layers(sparsities=bench_conv.WIDTH_CONV_SPARSITIES,
+                                            batches=bench_conv.WIDTH_CONV_BATCHES, rounds=args.rounds, peers=peers,
+                                            shapes=shapes)
+        print(header())
+        print(f"VGG11 convolutions at width {args.conv_width} (every one but the first); speedup = dense ms / "
+              f"variant ms, median of {args.rounds} round(s)")
+        print(bench_conv.format_conv_tables(layers, []))
+        print("\n" + "\n".join(bench_conv.check_layers_against_dense(layers)))
+        if args.csv:
+            _write_csv(args.csv, layers)
+        return 0
     if args.quick:
         layers = bench_conv.run_conv_layers(sparsities=(0.9,), batches=(8,), repeats=2, warmup=1, rounds=1,
                                             peers=peers, shapes=bench_conv.VGG11_CIFAR_CONVS[-1:])

@@ -42,9 +42,32 @@ from actuallysparse.timing import (inference_call, openvino_builders, optimizer_
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
 DEFAULT_CONV_SPARSITIES = (0.9, 0.95)
+# --conv-width: every layer of a narrower VGG11 (the harness's model is width 0.25), one image and a batch
+WIDTH_CONV_SPARSITIES = (0.9,)
+WIDTH_CONV_BATCHES = (1, 64)
 DEFAULT_CONV_BATCHES = (64,)
 DEFAULT_MODEL_BATCHES = (64, 1)
 CONV_MODES = ("inference", "train")
+
+
+def vgg11_cifar_convs(width: float) -> tuple[tuple[int, int, int], ...]:
+    """:data:`VGG11_CIFAR_CONVS` with every channel count scaled by ``width`` (at least 1), as the
+    harness's VGG scales them."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return tuple((max(1, round(c_in * width)), max(1, round(c_out * width)), size)
+                 for c_in, c_out, size in VGG11_CIFAR_CONVS)
+
+
+def check_layers_against_dense(layers: list[dict]) -> list[str]:
+    """One line per (mode, batch): the slowest layer against dense, and whether any is slower."""
+    lines = []
+    for mode, batch in sorted({(r["mode"], int(r["batch"])) for r in layers}):
+        chosen = [r for r in layers if r["mode"] == mode and int(r["batch"]) == batch]
+        worst = min(chosen, key=lambda r: r["csr_speedup"])
+        lines.append(f"{mode:9s} B={batch}: slowest layer {worst['layer']} at {worst['csr_speedup']:.2f}x dense -> "
+                     + ("no layer slower than dense" if worst["csr_speedup"] >= 1 else "slower than dense"))
+    return lines
 
 
 def _sparseprop_conv(pruned: nn.Conv2d):

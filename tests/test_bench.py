@@ -132,3 +132,17 @@ def test_the_whole_model_training_step_and_bytes_of_the_conv_bench():
     before = model[0].weight.detach().clone()
     optimizer_step_call(model, optimizer, x, y)()
     assert not torch.equal(model[0].weight.detach(), before)
+
+
+def test_conv_width_scales_vgg11_and_says_which_layer_is_slowest():
+    from actuallysparse import bench_conv
+
+    assert bench_conv.vgg11_cifar_convs(0.25)[:3] == ((16, 32, 16), (32, 64, 8), (64, 64, 8))
+    with pytest.raises(ValueError, match="width must be > 0, got 0"):
+        bench_conv.vgg11_cifar_convs(0)
+    layers = [{"layer": "16->32 @16x16", "mode": "inference", "batch": 1, "csr_speedup": 1.4},
+              {"layer": "32->64 @8x8", "mode": "inference", "batch": 1, "csr_speedup": 0.8},
+              {"layer": "32->64 @8x8", "mode": "train", "batch": 64, "csr_speedup": 2.0}]
+    lines = bench_conv.check_layers_against_dense(layers)
+    assert lines == ["inference B=1: slowest layer 32->64 @8x8 at 0.80x dense -> slower than dense",
+                     "train     B=64: slowest layer 32->64 @8x8 at 2.00x dense -> no layer slower than dense"]
