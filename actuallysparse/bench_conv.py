@@ -17,6 +17,9 @@ medians over ``--rounds`` with the lowest and highest round beside them:
   installed, and the bytes each holds while training with Adam (parameters, gradients, masks,
   Adam's moments).
 
+``--conv-width W`` replaces both tables by every convolution (but the first) of VGG11 at width
+``W`` at 0.9, batch 1 and 64, and names the slowest layer against dense.
+
 Peers run their own thread pools, so each is timed in a block of its own after the torch
 variants, as in :mod:`actuallysparse.bench`.
 """
