@@ -8,9 +8,10 @@ Modules:
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
     fusion      fuse_batchnorm (eval-mode BatchNorm folded into the sparse layer before it) and
-                use_native_layers (the library's pooling and batch norm in place of torch's)
+                use_native_layers (the library's pooling, batch norm and dropout in place of torch's)
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
+    dropout     Dropout: nn.Dropout with its mask drawn by one rand_like
     dynamic     sparse from the first step: make_sparse, SET and RigL
     optim       keeping optimizers in step with pruned parameters
     functional  the sparse products and the one place that picks their backend

@@ -10,7 +10,7 @@ medians over ``--rounds`` with the lowest and highest round beside them:
   gradients, the input needing its gradient as inside a network).
 * **model**: the whole VGG11_bn with its CIFAR head (32x32 input) with every convolution but the
   first and every linear layer pruned, at batch 64 and 1: dense, masked and sparse eager inference
-  and SGD-momentum training steps; ``csr+native``, the sparse model with the library's pooling and batch norm
+  and SGD-momentum training steps; ``csr+native``, the sparse model with the library's pooling, batch norm and dropout
   (:func:`~actuallysparse.fusion.use_native_layers`) and, for inference, its batch norms folded
   (:func:`~actuallysparse.fusion.fuse_batchnorm`): what the library makes of the whole model;
   OpenVINO on the pruned model (dense, and with its sparse-weight decompression) when
@@ -283,7 +283,7 @@ def check_conv_targets(layers: list[dict], model: list[dict]) -> list[str]:
         minimum = MODEL_TARGETS.get((r["mode"], int(r["batch"])))
         line = f"VGG11_bn s={r['sparsity']:.2f} {r['mode']:9s} B={int(r['batch'])}: csr {r['csr_speedup']:.2f}x dense"
         if "csr+native_speedup" in r:
-            line += f", with the library's pooling and batch norm {r['csr+native_speedup']:.2f}x"
+            line += f", with the library's pooling, batch norm and dropout {r['csr+native_speedup']:.2f}x"
         if minimum is not None:
             line += f" (target >= {minimum:.1f}x: {'met' if speedup >= minimum else 'NOT met'})"
         if r["mode"] == "train":

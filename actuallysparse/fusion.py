@@ -1,5 +1,5 @@
 """The rest of a pruned model: eval-mode BatchNorm folded into the sparse layer before it, for
-inference, and the library's native pooling and batch norm put in place of torch's.
+inference, and the library's pooling, batch norm and dropout put in place of torch's.
 
 In evaluation a BatchNorm is an affine map per channel, ``y = (x - mean) / sqrt(var + eps) *
 gamma + beta``. After a sparse layer it folds into that layer: each output row's stored values
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from actuallysparse.conv import SparseConv2d
+from actuallysparse.dropout import Dropout
 from actuallysparse.layers import SparseLayer
 from actuallysparse.normalization import BatchNorm2d
 from actuallysparse.pooling import MaxPool2x2
@@ -92,13 +93,15 @@ def _fold(layer: SparseModule, norm: nn.Module) -> None:
 
 
 def use_native_layers(model: nn.Module) -> int:
-    """Give every ``nn.MaxPool2d(2, 2)`` and ``nn.BatchNorm2d`` of ``model`` the library's class:
-    :class:`~actuallysparse.pooling.MaxPool2x2` and :class:`~actuallysparse.normalization.BatchNorm2d`,
-    the same numbers and state on native kernels. In place (the modules keep their parameters and
-    buffers); returns how many layers changed class.
+    """Give every ``nn.MaxPool2d(2, 2)``, ``nn.BatchNorm2d`` and ``nn.Dropout`` of ``model`` the
+    library's class: :class:`~actuallysparse.pooling.MaxPool2x2` and
+    :class:`~actuallysparse.normalization.BatchNorm2d` (the same numbers and state on native
+    kernels) and :class:`~actuallysparse.dropout.Dropout` (the same distribution, another random
+    stream). In place (the modules keep their parameters and buffers); returns how many layers
+    changed class.
 
-    Once the convolutions are sparse, torch's CPU pooling and training-mode batch norm are a large
-    share of what is left of a VGG's step; a dense model gains from this too.
+    Once the convolutions are sparse, torch's CPU pooling, training-mode batch norm and dropout
+    are a large share of what is left of a VGG's step; a dense model gains from this too.
 
     Example::
 
@@ -113,6 +116,9 @@ def use_native_layers(model: nn.Module) -> int:
             changed += 1
         elif type(module) is nn.MaxPool2d and _is_2x2_pooling(module):
             module.__class__ = MaxPool2x2
+            changed += 1
+        elif type(module) is nn.Dropout:
+            module.__class__ = Dropout
             changed += 1
     return changed
 

@@ -81,10 +81,10 @@ def test_conv_targets_are_checked_from_records():
     for name, ratio in (("csr", 1.5), ("masked", 0.6), ("csr+native", 3.0)):
         model[0].update({f"{name}_speedup": ratio, f"{name}_speedup_lo": ratio, f"{name}_speedup_hi": ratio})
     (line,) = bench_conv.check_conv_targets([], model)
-    assert "with the library's pooling and batch norm 3.00x (target >= 2.8x: met); 5.00x the masked model (met" in line
+    assert "with the library's pooling, batch norm and dropout 3.00x (target >= 2.8x: met); 5.00x the masked model (met" in line
     model.append({**model[0], "mode": "inference", "batch": 1, "openvino_ms": 1.5})
     line = bench_conv.check_conv_targets([], model)[1]
-    assert "B=1: csr 1.50x dense, with the library's pooling and batch norm 3.00x (target >= 4.0x: NOT met)" in line
+    assert "B=1: csr 1.50x dense, with the library's pooling, batch norm and dropout 3.00x (target >= 4.0x: NOT met)" in line
     assert "; 1.50x OpenVINO's faster mode (NOT met >= 2x)" in line
     table = bench_conv.format_conv_tables([], model)
     assert "| csr × | csr+native × |" in table and "| 3.00 " in table

@@ -72,10 +72,14 @@ def test_native_layers_take_torch_s_pooling_and_norms_and_compute_the_same(backe
     from actuallysparse.normalization import BatchNorm2d
     from actuallysparse.pooling import MaxPool2x2
 
+    from actuallysparse.dropout import Dropout
+
     model = _model().train()
     model.append(nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, 1), nn.MaxPool2d((2, 2), ceil_mode=True)))
+    model.append(nn.Dropout(0.3))
     reference = copy.deepcopy(model)
-    assert use_native_layers(model) == 2                  # the BatchNorm2d and the 2x2 pooling of stride 2
+    assert use_native_layers(model) == 3                  # the BatchNorm2d, the 2x2 pooling of stride 2, dropout
+    assert type(model[8]) is Dropout and model[8].p == 0.3
     assert type(model[1]) is BatchNorm2d and type(model[3]) is MaxPool2x2
     assert all(type(pool) is nn.MaxPool2d for pool in model[7])     # other poolings are left as they are
     assert type(model[6]) is nn.BatchNorm1d
