@@ -5,11 +5,13 @@ A pruned VGG's sparse convolutions leave the rest of the model as the cost: torc
 and took a fifth of a pruned quarter-width VGG11_bn's training step. :class:`MaxPool2x2` is
 ``nn.MaxPool2d(2, 2)`` with the same outputs and gradients (ties to the first maximum in
 row-major order, NaN propagated), computed by the native kernel on the CPU and by torch
-elsewhere (:func:`actuallysparse.functional.backend_for` chooses).
+elsewhere (:func:`actuallysparse.functional.backend_for` chooses); ``torch.func`` transforms,
+forward mode and tracing get ``F.max_pool2d`` itself.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actuallysparse import functional
@@ -68,6 +70,8 @@ def max_pool2x2(x: Tensor) -> Tensor:
         raise ValueError(f"max_pool2x2 takes a (N, C, H, W) or (C, H, W) input, got shape {tuple(x.shape)}")
     if x.shape[-2] < 2 or x.shape[-1] < 2:
         raise ValueError(f"max_pool2x2 needs planes of at least 2x2, got {x.shape[-2]}x{x.shape[-1]}")
+    if not functional.eager_reverse_mode_only(x):  # torch.func, forward mode, tracing: torch's own
+        return F.max_pool2d(x, 2)
     return _MaxPool2x2.apply(x)[0]
 
 

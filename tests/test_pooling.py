@@ -46,6 +46,18 @@ def test_gradients_of_every_order_match_the_dense_reference(backend):
                                torch.autograd.grad((reference * weights).sum(), grad)[0], rtol=0, atol=0)
 
 
+def test_forward_mode_and_torch_func_are_exact(backend):
+    x, tangent = torch.randn(2, 3, 4, 6, dtype=torch.float64), torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    _, jvp = torch.func.jvp(max_pool2x2, (x,), (tangent,))
+    _, expected = torch.func.jvp(lambda x: F.max_pool2d(x, 2), (x,), (tangent,))
+    torch.testing.assert_close(jvp, expected, rtol=0, atol=0)
+    grad = torch.func.grad(lambda x: max_pool2x2(x).pow(2).sum())(x)
+    torch.testing.assert_close(grad, torch.func.grad(lambda x: F.max_pool2d(x, 2).pow(2).sum())(x), rtol=0, atol=0)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(max_pool2x2(dual)).tangent, expected)
+
+
 def test_is_an_nn_max_pool2d_with_its_settings():
     assert isinstance(MaxPool2x2(), nn.MaxPool2d)
     assert MaxPool2x2().extra_repr() == nn.MaxPool2d(2, 2).extra_repr()
