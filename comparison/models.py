@@ -7,19 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# torch 2.14's CPU max_pool2d on NCHW tensors runs 10-20x slower than one pass over the input (it
-# was 58 % of a pruned quarter-width VGG11_bn's inference and 19 % of its training step); every
-# model the harness builds, the dense reference included, pools with the library's MaxPool2x2
-# (the same numbers and gradients as nn.MaxPool2d(2, 2)), so no method gains from it over another.
-from actuallysparse.pooling import MaxPool2x2
-# The same holds for torch's CPU batch norm in training (0.66 ms forward for a 64x16x32x32 batch
-# where a pass over it takes 0.04 ms): every model normalises with the library's BatchNorm2d
-# (nn.BatchNorm2d's numbers to float rounding, its state_dict and class name).
-from actuallysparse.normalization import BatchNorm2d
-# and drops out with the library's Dropout (one rand_like draw for the mask, 3x faster than
-# torch's bernoulli_ on the CPU).
-from actuallysparse.dropout import Dropout
-
+from actuallysparse.fusion import use_native_layers
 
 # Configuration "A" of Simonyan & Zisserman: numbers are conv output channels, "M" a 2x2 max-pool.
 VGG11_CHANNELS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -53,6 +41,8 @@ class VGG(nn.Module):
         avgpool: ``nn.AdaptiveAvgPool2d((1, 1))``.
         classifier: ``Linear ReLU Dropout Linear ReLU Dropout Linear``.
 
+    The pooling, batch norm and dropout layers are the library's (``use_native_layers``).
+
     Example::
 
         >>> model = VGG(num_classes=10, width=0.125)
@@ -72,12 +62,12 @@ class VGG(nn.Module):
         in_channels = 3
         for entry in VGG11_CHANNELS:
             if entry == "M":
-                layers.append(MaxPool2x2())
+                layers.append(nn.MaxPool2d(2, 2))
                 continue
             out_channels = scaled(int(entry), width)
             layers += [
                 nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                BatchNorm2d(out_channels),
+                nn.BatchNorm2d(out_channels),
                 nn.ReLU(inplace=True),
             ]
             in_channels = out_channels
@@ -87,13 +77,17 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(in_channels, hidden),
             nn.ReLU(inplace=True),
-            Dropout(),
+            nn.Dropout(),
             nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
-            Dropout(),
+            nn.Dropout(),
             nn.Linear(hidden, num_classes),
         )
         self.reset_parameters()
+        # torch 2.14's CPU pooling, training-mode batch norm and dropout were over a third of a pruned
+        # quarter-width VGG11_bn's step: every model the harness builds, the dense reference included,
+        # runs the library's (the same numbers; dropout the same distribution), so no method gains.
+        use_native_layers(self)
 
     def reset_parameters(self) -> None:
         """Initialise as torchvision's VGG does (Kaiming convs, N(0, 0.01) Linear weights, zero biases)."""
