@@ -353,35 +353,30 @@ def _main_conv(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     peers = not args.no_peers
+    model = []
     if args.conv_width is not None:
-        shapes = bench_conv.vgg11_cifar_convs(args.conv_width)
         layers = bench_conv.run_conv_layers(sparsities=bench_conv.WIDTH_CONV_SPARSITIES,
                                             batches=bench_conv.WIDTH_CONV_BATCHES, rounds=args.rounds, peers=peers,
-                                            shapes=shapes)
-        print(header())
-        print(f"VGG11 convolutions at width {args.conv_width} (every one but the first); speedup = dense ms / "
-              f"variant ms, median of {args.rounds} round(s)")
-        print(bench_conv.format_conv_tables(layers, []))
-        print("\n" + "\n".join(bench_conv.check_layers_against_dense(layers)))
-        if args.csv:
-            _write_csv(args.csv, layers)
-        return 0
-    if args.quick:
-        layers = bench_conv.run_conv_layers(sparsities=(0.9,), batches=(8,), repeats=2, warmup=1, rounds=1,
-                                            peers=peers, shapes=bench_conv.VGG11_CIFAR_CONVS[-1:])
-        model = []
+                                            shapes=bench_conv.vgg11_cifar_convs(args.conv_width))
+        legend = f"VGG11 convolutions at width {args.conv_width} (every one but the first); "
+        title, checks = "", bench_conv.check_layers_against_dense(layers)
     else:
-        layers = bench_conv.run_conv_layers(rounds=args.rounds, peers=peers)
-        model = [record for batch in bench_conv.DEFAULT_MODEL_BATCHES
-                 for record in bench_conv.run_conv_model(batch=batch, rounds=args.rounds, peers=peers)]
+        if args.quick:
+            layers = bench_conv.run_conv_layers(sparsities=(0.9,), batches=(8,), repeats=2, warmup=1, rounds=1,
+                                                peers=peers, shapes=bench_conv.VGG11_CIFAR_CONVS[-1:])
+        else:
+            layers = bench_conv.run_conv_layers(rounds=args.rounds, peers=peers)
+            model = [record for batch in bench_conv.DEFAULT_MODEL_BATCHES
+                     for record in bench_conv.run_conv_model(batch=batch, rounds=args.rounds, peers=peers)]
+        legend = ""
+        title, checks = "Targets (layers at B=64):\n", bench_conv.check_conv_targets(layers, model)
     print(header())
-    print(f"speedup = dense ms / variant ms (>1: faster than dense), median of {args.rounds if not args.quick else 1} "
-          f"round(s) (lowest–highest round in brackets); model MiB = bytes held training with Adam")
+    print(f"{legend}speedup = dense ms / variant ms (>1: faster than dense), median of "
+          f"{args.rounds if not args.quick else 1} round(s) (lowest–highest round in brackets); "
+          f"model MiB = bytes held training with Adam")
     print(bench_conv.format_conv_tables(layers, model))
-    targets = bench_conv.check_conv_targets(layers, model)
-    if targets:
-        print("\nTargets (layers at B=64):")
-        print("\n".join(targets))
+    if checks:
+        print("\n" + title + "\n".join(checks))
     if args.csv:
         _write_csv(args.csv, layers + model)
     return 0
