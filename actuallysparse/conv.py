@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from actuallysparse.functional import conv_output_size, sparse_conv2d
+from actuallysparse.functional import TransposedPattern, conv_output_size, conv_transpose_pattern, sparse_conv2d
 from actuallysparse.storage import SparseModule, check_k, check_positive
 
 PADDING_STRINGS = ("same", "valid")
@@ -128,6 +128,16 @@ class SparseConv2d(SparseModule):
             return tuple(sides)
         return self.padding[0], self.padding[0], self.padding[1], self.padding[1]
 
+    def _transposed_pattern(self) -> TransposedPattern:
+        """The cached pattern of the weight transposed over channels, taps flipped
+        (:func:`~actuallysparse.functional.conv_transpose_pattern`), built when missing; dropped
+        with every change of pattern or device and by ``eval()``, as the linear layer's is."""
+        if self._transposed is None:
+            crow, col = self._pattern()
+            self._transposed = conv_transpose_pattern(crow, col, self.in_channels,
+                                                      self.kernel_size[0] * self.kernel_size[1])
+        return self._transposed
+
     def geometry(self) -> tuple[int, ...]:
         """The ten integers the products take: kernel, stride, dilation, padding (top, bottom, left, right)."""
         return tuple(self.kernel_size) + tuple(self.stride) + tuple(self.dilation) + self._padding_sides()
@@ -165,5 +175,7 @@ class SparseConv2d(SparseModule):
                 raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated kernel's "
                                  f"{span} (input shape {tuple(input.shape)})")
         crow, col = self._pattern()
-        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry)
+        # the input gradient's pattern, built once per pattern, only where a backward will read it
+        transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
+        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed)
         return out.squeeze(0) if input.dim() == 3 else out

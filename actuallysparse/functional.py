@@ -110,6 +110,27 @@ def transpose_pattern(crow: Tensor, col: Tensor, in_features: int) -> Transposed
     )
 
 
+def conv_transpose_pattern(crow: Tensor, col: Tensor, in_channels: int, taps: int) -> TransposedPattern:
+    """The pattern of a convolution's weight transposed over channels with its taps flipped.
+
+    Rows are input channels; the non-zero at column ``c * taps + t`` of output channel ``o``
+    becomes column ``o * taps + (taps - 1 - t)`` of row ``c`` (``taps = kh * kw``). With it, the
+    input gradient of a stride-1 convolution is itself a convolution of the output gradient, which
+    the native kernels compute like a forward (done once per pattern, not per step).
+    """
+    rows = rows_from_crow(crow)
+    columns = col.long()
+    channel, flipped = columns // taps, rows * taps + (taps - 1 - columns % taps)
+    order = torch.argsort(channel * ((len(crow) - 1) * taps) + flipped)
+    index_dtype = crow.dtype
+    column_dtype = col.dtype if (len(crow) - 1) * taps <= (1 << 15) else index_dtype
+    return TransposedPattern(
+        crow=crow_from_rows(channel[order], in_channels, index_dtype),
+        col=flipped[order].to(column_dtype).contiguous(),
+        perm=order.to(index_dtype).contiguous(),
+    )
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     # torch's CSR tensors take int32 or int64 indices of one type: int16 columns are widened
     return torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, shape, check_invariants=False)
@@ -199,9 +220,10 @@ def torch_conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Ten
 
 
 def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor,
-                        geometry: tuple[int, ...], need_input: bool, need_values: bool
-                        ) -> tuple[Tensor | None, Tensor | None]:
-    """``(grad_input, grad_values)`` of a sparse convolution through torch's dense backward."""
+                        geometry: tuple[int, ...], need_input: bool, need_values: bool,
+                        transposed: TransposedPattern | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)`` of a sparse convolution through torch's dense backward
+    (``transposed`` goes unused)."""
     weight = _conv_dense_weight(values, crow, col, grad_out.shape[1], x.shape[1], geometry)
     padded = _conv_padded(x, geometry)
     grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -245,9 +267,11 @@ def torch_max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, wid
 class Backend(NamedTuple):
     """One implementation of the products, under a name.
 
-    ``uses_transposed`` says whether its input gradient reads the transposed pattern; the native
-    kernels scatter along ``W``'s own rows instead, so a layer builds that cache only for the
-    torch backend.
+    ``uses_transposed`` says whether a linear layer's input gradient reads the transposed pattern
+    (the native kernels scatter along ``W``'s own rows instead), ``conv_uses_transposed`` whether a
+    convolution's does (the native kernels run a stride-1 layer's input gradient as a forward over
+    the flipped transposed pattern; torch's dense backward needs none): a layer builds that cache
+    only for a backend that reads it.
     """
 
     name: str
@@ -258,14 +282,16 @@ class Backend(NamedTuple):
     uses_transposed: bool
     conv_forward: Callable[..., Tensor]
     conv_backward: Callable[..., tuple]
+    conv_uses_transposed: bool
     max_pool2x2: Callable[..., tuple]
     max_pool2x2_backward: Callable[..., Tensor]
 
 
 TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True,
-                        torch_conv_forward, torch_conv_backward, torch_max_pool2x2, torch_max_pool2x2_backward)
+                        torch_conv_forward, torch_conv_backward, False, torch_max_pool2x2,
+                        torch_max_pool2x2_backward)
 NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False,
-                         kernels.conv_forward, kernels.conv_backward, kernels.max_pool2x2,
+                         kernels.conv_forward, kernels.conv_backward, True, kernels.max_pool2x2,
                          kernels.max_pool2x2_backward)
 
 _fallback_warned = False
@@ -402,6 +428,7 @@ class ConvProducts:
     col: Tensor
     out_channels: int
     geometry: tuple[int, ...]
+    transposed: TransposedPattern | None = None
 
     def apply(self, x: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
         return self.backend.conv_forward(x, values, bias, self.crow, self.col, self.out_channels, self.geometry)
@@ -416,7 +443,7 @@ class ConvProducts:
 
     def both_grads(self, grad_out: Tensor, x: Tensor, values: Tensor, need_input: bool, need_values: bool):
         return self.backend.conv_backward(grad_out, x, values, self.crow, self.col, self.geometry,
-                                          need_input, need_values)
+                                          need_input, need_values, self.transposed)
 
     @staticmethod
     def bias_grad(grad_out: Tensor) -> Tensor:
@@ -780,7 +807,8 @@ conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_contex
 
 
 def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
-                  geometry: tuple[int, ...]) -> Tensor:
+                  geometry: tuple[int, ...],
+                  transposed: TransposedPattern | Callable[[], TransposedPattern] | None = None) -> Tensor:
     """Apply a sparse 2-D convolution to a 4-D input ``(batch, in_channels, height, width)``.
 
     Args:
@@ -791,17 +819,24 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
         crow, col: CSR pattern of that matrix.
         out_channels: rows of the matrix.
         geometry: ten integers, :data:`CONV_GEOMETRY_FIELDS`.
+        transposed: cached :func:`conv_transpose_pattern` of the pattern, or a function returning
+            it (called in eager mode only, and only for a backend that reads it). With it the
+            native backend computes a stride-1 layer's input gradient as a forward convolution;
+            without it the input gradient is scattered (the same numbers, slower).
 
     Returns:
         ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight.
     """
     if _computes_in_float32(x):
         out = sparse_conv2d(x.float(), values.float(), None if bias is None else bias.float(), crow, col,
-                            out_channels, geometry)
+                            out_channels, geometry, transposed)
         return out.to(x.dtype)
     if _traced(x):
         return torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
     backend = backend_for(x, crow)
     if not _needs_autograd(x, values, bias):
         return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
-    return SparseProduct.apply(x, values, bias, ConvProducts(backend, crow, col, out_channels, tuple(geometry)))
+    if callable(transposed):
+        transposed = transposed() if backend.conv_uses_transposed else None
+    return SparseProduct.apply(x, values, bias,
+                               ConvProducts(backend, crow, col, out_channels, tuple(geometry), transposed))

@@ -194,10 +194,17 @@ def conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, c
 
 
 def conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, geometry: tuple[int, ...],
-                  need_input: bool, need_values: bool) -> tuple[Tensor | None, Tensor | None]:
-    """``(grad_input, grad_values)`` of a sparse convolution; ``None`` for a gradient not needed."""
+                  need_input: bool, need_values: bool, transposed=None) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_input, grad_values)`` of a sparse convolution; ``None`` for a gradient not needed.
+
+    ``transposed`` (a :class:`~actuallysparse.functional.TransposedPattern` of the flipped
+    transposed weight, :func:`~actuallysparse.functional.conv_transpose_pattern`) lets a stride-1
+    layer compute its input gradient as a forward convolution of the output gradient instead of
+    scattering; without it, or for other strides, the scatter runs.
+    """
+    parts = (None, None, None) if transposed is None else (transposed.crow, transposed.col, transposed.perm)
     grad_x, grad_values = _ops().conv2d_backward(grad_out, x, values, crow, col, list(geometry), need_input,
-                                                 need_values, isa())
+                                                 need_values, isa(), 0, *parts)
     return (grad_x if need_input else None), (grad_values if need_values else None)
 
 

@@ -19,6 +19,8 @@ GEOMETRIES = [
     pytest.param(5, 4, 3, 1, "same", 1, True, 6, 5, id="3x3-same"),
     pytest.param(3, 4, (2, 3), 1, "same", (2, 1), True, 6, 7, id="2x3-same-dilated"),
     pytest.param(2, 3, 3, (2, 1), 0, 1, True, 7, 6, id="3x3-valid-stride21"),
+    # padding beyond the kernel's reach: the input gradient is scattered, not a flipped forward
+    pytest.param(3, 4, 3, 1, (3, 1), 1, True, 5, 6, id="3x3-pad31"),
 ]
 
 
@@ -59,19 +61,40 @@ def test_products_match_masked_dense(backend, dtype, batch, in_ch, out_ch, kerne
         torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **_tolerance(dtype))
 
 
-@pytest.mark.parametrize("in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width", GEOMETRIES[:5])
-def test_gradcheck(backend, in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width):
+@pytest.mark.parametrize("transposed", [False, True], ids=["scattered", "transposed"])
+@pytest.mark.parametrize("in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width",
+                         GEOMETRIES[:5] + GEOMETRIES[-1:])
+def test_gradcheck(backend, in_ch, out_ch, kernel, stride, padding, dilation, bias, height, width, transposed):
     _, sparse = _masked_pair(in_ch, out_ch, kernel, stride, padding, dilation, bias, density=0.5)
     crow, col = sparse._pattern()
+    pattern = sparse._transposed_pattern() if transposed else None
     x = torch.randn(2, in_ch, height, width, dtype=torch.float64, requires_grad=True)
     values = sparse.values.detach().clone().requires_grad_()
     b = sparse.bias.detach().clone().requires_grad_() if bias else None
     inputs = (x, values) + ((b,) if bias else ())
 
     def apply(x, values, b=None):
-        return functional.sparse_conv2d(x, values, b, crow, col, out_ch, sparse.geometry())
+        return functional.sparse_conv2d(x, values, b, crow, col, out_ch, sparse.geometry(), pattern)
 
     assert torch.autograd.gradcheck(apply, inputs)
+    assert torch.autograd.gradgradcheck(apply, inputs)
+
+
+def test_transposed_pattern_flips_the_taps_and_is_cached_with_the_pattern():
+    dense, sparse = _masked_pair(3, 4, (2, 3), 1, 0, 1, False)
+    pattern = sparse._transposed_pattern()
+    assert sparse._transposed_pattern() is pattern
+    weight = dense.weight.detach()  # (out, in, kh, kw)
+    flipped = weight.flip(2, 3).transpose(0, 1).reshape(3, -1)  # (in, out * kh * kw)
+    rows = functional.rows_from_crow(pattern.crow)
+    expected = flipped.nonzero()
+    torch.testing.assert_close(torch.stack([rows, pattern.col.long()], 1), expected)
+    torch.testing.assert_close(sparse.values.detach()[pattern.perm.long()], flipped[rows, pattern.col.long()])
+    prune_to_sparsity(sparse, 0.8)
+    assert sparse._transposed is None
+    sparse._transposed_pattern()
+    sparse.eval()
+    assert sparse._transposed is None
 
 
 def test_no_non_zeros_leaves_the_bias(backend):

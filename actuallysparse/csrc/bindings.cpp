@@ -410,6 +410,53 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   return out;
 }
 
+// The forward kernel over an input already packed by pack_padded at tile width tw for geometry g:
+// out (batch, n_rows, g.out_h, g.out_w). A tile width of 1 takes the single-image path.
+template <typename T>
+void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int64_t tw, int64_t batch,
+                      const ConvGeometry& g, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& off,
+                      const T* values, const T* bias, int64_t n_rows, at::Tensor& out) {
+  const bool single = tw == 1;
+  // the input rows one block of kConvPixelBlock output pixels reads, per channel
+  const int64_t out_rows = std::min<int64_t>(g.out_h, (kConvPixelBlock + g.out_w - 1) / g.out_w);
+  const int64_t in_rows_read = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  const int64_t in_cols_read = out_rows > 1 ? g.padded_w
+                                            : (std::min<int64_t>(g.out_w, kConvPixelBlock) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+  const int64_t block_channels = channels_per_block(in_rows_read * in_cols_read * tw * int64_t(sizeof(T)),
+                                                    kForwardBlockBytes, g.channels);
+  // the single-image path walks whole rows of the pattern and needs neither blocks nor pixel bases
+  const at::Tensor block_ptr = single ? at::Tensor() : channel_block_ptr(crow, col, n_rows, g, block_channels);
+  const at::Tensor bases = single ? at::Tensor() : pixel_bases(g, crow.options());
+  ConvArgs<T> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), values, packed.data_ptr<T>(),
+                   g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w, g.out_h, g.out_w, g.sh, g.sw,
+                   out.data_ptr<T>(), n_rows, bias,
+                   single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
+                   single ? nullptr : bases.data_ptr<int32_t>()};
+  constexpr int64_t kChunk = kConvChannelChunk;
+  const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
+  if (single) {
+    const int64_t runs = conv_single_runs(g.out_h, g.out_w, g.padded_w, g.sh, table.lanes);
+    at::parallel_for(0, runs * n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t run = item / n_chunks, chunk = item % n_chunks;
+        table.conv_forward(args, 0, run, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
+      }
+    });
+    return;
+  }
+  const int64_t n_tiles = (batch + tw - 1) / tw;
+  const int64_t pixel_blocks = (g.out_h * g.out_w + kConvPixelBlock - 1) / kConvPixelBlock;
+  // Items run tile, then block of 16 output pixels, then channel chunk: one thread's consecutive
+  // items share the input rows of one pixel block.
+  at::parallel_for(0, n_tiles * pixel_blocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item % n_chunks, rest = item / n_chunks;
+      const int64_t block = rest % pixel_blocks, t = rest / pixel_blocks;
+      table.conv_forward(args, t, block * kConvPixelBlock, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
+    }
+  });
+}
+
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
                   const std::string& isa, int64_t tile_vectors) {
@@ -429,45 +476,8 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     const bool single = batch == 1 && g.sw == 1 && tile_vectors == 0;
     const int64_t tw = single ? 1 : conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
-    // the input rows one block of kConvPixelBlock output pixels reads, per channel
-    const int64_t out_rows = std::min<int64_t>(g.out_h, (kConvPixelBlock + g.out_w - 1) / g.out_w);
-    const int64_t in_rows_read = (out_rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    const int64_t in_cols_read = out_rows > 1 ? g.padded_w
-                                              : (std::min<int64_t>(g.out_w, kConvPixelBlock) - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    const int64_t block_channels = channels_per_block(in_rows_read * in_cols_read * tw * int64_t(sizeof(scalar_t)),
-                                                      kForwardBlockBytes, g.channels);
-    // the single-image path walks whole rows of the pattern and needs neither blocks nor pixel bases
-    const at::Tensor block_ptr = single ? at::Tensor() : channel_block_ptr(crow, col, n_rows, g, block_channels);
-    const at::Tensor bases = single ? at::Tensor() : pixel_bases(g, crow.options());
-    ConvArgs<scalar_t> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
-                            packed.data_ptr<scalar_t>(), g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w,
-                            g.out_h, g.out_w,
-                            g.sh, g.sw, out.data_ptr<scalar_t>(), n_rows, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                            single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
-                            single ? nullptr : bases.data_ptr<int32_t>()};
-    constexpr int64_t kChunk = kConvChannelChunk;
-    const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
-    if (single) {
-      const int64_t runs = conv_single_runs(g.out_h, g.out_w, g.padded_w, g.sh, table.lanes);
-      at::parallel_for(0, runs * n_chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t run = item / n_chunks, chunk = item % n_chunks;
-          table.conv_forward(args, 0, run, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
-        }
-      });
-      return;
-    }
-    const int64_t n_tiles = (batch + tw - 1) / tw;
-    const int64_t pixel_blocks = (g.out_h * g.out_w + kConvPixelBlock - 1) / kConvPixelBlock;
-    // Items run tile, then block of 16 output pixels, then channel chunk: one thread's consecutive
-    // items share the input rows of one pixel block.
-    at::parallel_for(0, n_tiles * pixel_blocks * n_chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t chunk = item % n_chunks, rest = item / n_chunks;
-        const int64_t block = rest % pixel_blocks, t = rest / pixel_blocks;
-        table.conv_forward(args, t, block * kConvPixelBlock, chunk * kChunk, std::min(n_rows, (chunk + 1) * kChunk));
-      }
-    });
+    run_conv_forward<scalar_t>(table, packed, tw, batch, g, crow, col, off, vals.data_ptr<scalar_t>(),
+                               b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out);
   });
   return out;
 }
@@ -479,14 +489,30 @@ int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s,
   return std::lower_bound(crow, crow + n_rows + 1, (nnz * s) / slices) - crow;
 }
 
+// The geometry of the input gradient as a convolution of the output gradient, when the layer's
+// stride is 1: the taps flipped, the same dilation, and each side padded by the dilated kernel's
+// reach less the layer's padding there. Empty when the stride is not 1 or a side's padding
+// exceeds that reach (the gradient would need cropping, not padding).
+std::vector<int64_t> input_grad_geometry(const ConvGeometry& g) {
+  const int64_t reach_h = (g.kh - 1) * g.dh, reach_w = (g.kw - 1) * g.dw;
+  if (g.sh != 1 || g.sw != 1 || g.pt > reach_h || g.pb > reach_h || g.pl > reach_w || g.pr > reach_w) return {};
+  return {g.kh, g.kw, 1, 1, g.dh, g.dw, reach_h - g.pt, reach_h - g.pb, reach_w - g.pl, reach_w - g.pr};
+}
+
 // The gradients of a convolution. The value gradient runs over slices of output channels (each
-// owns its non-zeros' entries and walks every tile); the input gradient over (slice, tile)
-// items scattering into their own padded accumulation tiles, summed and unpadded at the end.
+// owns its non-zeros' entries and walks every tile). The input gradient is, where the layer's
+// geometry allows (input_grad_geometry) and the pattern of the flipped transposed weight is given
+// (t_crow, t_col over input channels, columns o * kh * kw + flipped tap; perm: where each of its
+// entries sits in `values`), the forward kernel run over the padded output gradient. Otherwise it
+// is scattered along W's rows over (slice, tile) items into their own padded accumulation tiles,
+// summed and unpadded at the end.
 std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                    const at::Tensor& values, const at::Tensor& crow,
                                                    const at::Tensor& col, at::IntArrayRef geometry, bool need_input,
                                                    bool need_values, const std::string& isa,
-                                                   int64_t tile_vectors) {
+                                                   int64_t tile_vectors, const c10::optional<at::Tensor>& t_crow,
+                                                   const c10::optional<at::Tensor>& t_col,
+                                                   const c10::optional<at::Tensor>& perm) {
   check_isa(isa);
   check_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
@@ -496,20 +522,43 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and input must share a dtype");
   const int64_t n_rows = grad_out.size(1), batch = x.size(0), nnz = col.numel();
   check_pattern(crow, col, n_rows);
+  TORCH_CHECK(t_crow.has_value() == t_col.has_value() && t_col.has_value() == perm.has_value(),
+              "the transposed pattern takes t_crow, t_col and perm together");
+  if (t_crow.has_value()) {
+    check_pattern(*t_crow, *t_col, g.channels);
+    TORCH_CHECK(t_col->numel() == nnz && perm->dim() == 1 && perm->numel() == nnz && perm->scalar_type() == at::kInt &&
+                perm->is_contiguous(), "the transposed pattern must hold the ", nnz, " non-zeros, with int32 "
+                "positions, got ", t_col->numel(), " columns and positions ", perm->sizes(), " ", perm->scalar_type());
+  }
+  const std::vector<int64_t> geometry_t = t_crow.has_value() ? input_grad_geometry(g) : std::vector<int64_t>{};
+  const bool transposed = need_input && !geometry_t.empty();
   // Both are written whole below (every non-zero by the first tile, every input pixel by the
-  // unpadding), so they start uninitialised unless nothing is computed.
+  // forward or the unpadding), so they start uninitialised unless nothing is computed.
   at::Tensor grad_x = at::empty(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor grad_values = at::empty({need_values ? nnz : 0}, x.options());
   if (batch == 0 || nnz == 0 || (!need_input && !need_values)) return {grad_x.zero_(), grad_values.zero_()};
   const at::Tensor vals = values.contiguous();
   const at::Tensor off = conv_offsets(col, g);
   const int32_t* crow_data = crow.data_ptr<int32_t>();
+  // the output gradient as the input of the input gradient's convolution (transposed only)
+  const ConvGeometry gt = transposed ? conv_geometry(grad_out, geometry_t) : ConvGeometry{};
+  TORCH_CHECK(!transposed || (gt.out_h == g.height && gt.out_w == g.width), "internal: the input gradient's "
+              "convolution gives ", gt.out_h, "x", gt.out_w, ", not ", g.height, "x", g.width);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d_backward", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
-    const at::Tensor packed_grad = pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
+    // Transposed: one padded packing of grad_out serves both gradients; each output pixel's
+    // gradient row then sits at (y + top) * Wp' + x + left of its channel's plane.
+    const at::Tensor packed_grad = transposed ? pack_padded<scalar_t>(grad_out, tw, gt)
+                                              : pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
+    const int64_t grad_rows = transposed ? gt.padded_h * gt.padded_w : g.out_h * g.out_w;
+    at::Tensor grad_base = at::empty({g.out_h * g.out_w}, crow.options());
+    int32_t* grad_base_data = grad_base.data_ptr<int32_t>();
+    for (int64_t y = 0, p = 0; y < g.out_h; ++y)
+      for (int64_t w = 0; w < g.out_w; ++w, ++p)
+        grad_base_data[p] = static_cast<int32_t>(transposed ? (y + gt.pt) * gt.padded_w + w + gt.pl : p);
     const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(x, tw, g) : at::Tensor();
-    const int64_t n_tiles = packed_grad.size(0);
+    const int64_t n_tiles = (batch + tw - 1) / tw;
     const int64_t in_rows = g.channels * g.padded_h * g.padded_w;
     const int64_t block_channels = channels_per_block(g.padded_h * g.padded_w * tw * int64_t(sizeof(scalar_t)),
                                                       kBackwardBlockBytes, g.channels);
@@ -520,7 +569,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
                                     need_values ? packed_input.data_ptr<scalar_t>() : nullptr, in_rows, tw, g.padded_w,
                                     g.out_h, g.out_w, g.sh, g.sw, n_rows,
                                     need_values ? grad_values.data_ptr<scalar_t>() : nullptr,
-                                    block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>()};
+                                    block_ptr.data_ptr<int32_t>(), block_ptr.size(1) - 1, bases.data_ptr<int32_t>(),
+                                    grad_rows, grad_base_data};
     const int64_t threads = at::get_num_threads();
     if (need_values) {
       const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
@@ -533,6 +583,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
       });
     }
     if (!need_input) return;
+    if (transposed) {
+      const at::Tensor vals_t = vals.index_select(0, *perm);
+      const at::Tensor off_t = conv_offsets(*t_col, gt);
+      run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, off_t,
+                                 vals_t.data_ptr<scalar_t>(), nullptr, g.channels, grad_x);
+      return;
+    }
     const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((threads + n_tiles - 1) / n_tiles, n_rows));
     // Each item zeroes its own accumulation tile just before scattering into it (in its cache),
     // instead of one separate pass over every tile.
@@ -582,7 +639,8 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, int[] geometry, "
         "str isa, int tile_vectors=0) -> Tensor");
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, int[] geometry, "
-        "bool need_input, bool need_values, str isa, int tile_vectors=0) -> (Tensor, Tensor)");
+        "bool need_input, bool need_values, str isa, int tile_vectors=0, Tensor? t_crow=None, Tensor? t_col=None, "
+        "Tensor? perm=None) -> (Tensor, Tensor)");
   m.def("isa_supported(str isa) -> bool", &actuallysparse::isa_supported);
 }
 

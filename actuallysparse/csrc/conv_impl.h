@@ -10,7 +10,8 @@
 // so output pixel (y, x) of channel o reads rows off_k + pixel_base[p], pixel_base[p] = y*sh*Wp + x*sw
 // for the flattened pixel p = y * out_w + x: the same broadcast
 // of the value and NV fused multiply-adds per non-zero as the linear kernel, with the pixel's
-// base added to every column. The output gradient is packed the same way over (o, pixel).
+// base added to every column. The output gradient is packed the same way over (o, pixel), padded
+// when the input gradient runs as a forward over it (see below).
 //
 // Loop order, measured in one process on VGG11's CIFAR layers (3x3, 64-512 channels, 16x16 to
 // 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers):
@@ -20,18 +21,22 @@
 //   pixels (flattened over rows), and the input channels are walked in blocks whose rows fit 64 KiB,
 //   PX pixels x NV vectors of accumulators (8 FMA chains) per (channel, block): 38 ms against
 //   44 ms walking all channels at once;
-// - gradients: the input gradient scatters along the same non-zeros into an accumulation tile
-//   of the padded input's layout, the value gradient takes four non-zeros at a time so each
-//   output-gradient vector loaded serves four products; both walk input channels in blocks of
-//   128 KiB of padded planes (48 and 34 ms against 56 and 40 unblocked).
+// - gradients: the value gradient takes four non-zeros at a time so each output-gradient vector
+//   loaded serves four products, walking input channels in blocks of 128 KiB of padded planes
+//   (34 ms against 40 unblocked). The input gradient of a stride-1 layer is the forward kernel
+//   itself, run over the padded output gradient with the pattern transposed over channels and
+//   its taps flipped (cached with the pattern, see conv_transpose_pattern in functional.py; the
+//   values are gathered through its permutation once per call). Otherwise it scatters along the
+//   same non-zeros into an accumulation tile of the padded input's layout (48 ms blocked against
+//   56 unblocked). Measured on an AVX-512 EPYC (Zen 5, B=64, 0.9, the seven layers at width 1): both
+//   gradients 41.3 ms scattered against 36.4 transposed, and the pruned VGG11_bn's SGD step
+//   (csr+native, a timing script) 102 -> 83 ms (the scatter's accumulation tiles, summed and unpadded, are gone). Built per call
+//   by a counting sort and read through the permutation inside the kernel (AVX2 EPYC), the same
+//   idea had taken 1.56x the forward's time against 1.47x for the scatter.
 // - one image (stride 1 along the width) takes conv_forward_single, vectors over output pixels:
 //   at B=1, 0.9, against batch tiles of one vector (7 of 8 lanes idle), 0.72 vs 2.26 ms at 64->128
 //   @32, 0.28 vs 0.64 @8, 1.64 vs 2.04 @4 and 1.45 vs 2.00 @2 (dense: 1.48, 0.42, 1.12, 1.93).
-// Tried and dropped: the input gradient (stride 1) as a forward over the output gradient with the
-// pattern transposed over channels and flipped over taps, built per call by a counting sort and
-// read through a permutation: it gathers into registers instead of scattering, yet took 1.56x the
-// forward's time against 1.47x for the scatter here. Not tried: keeping the forward's packed input
-// for the backward (it is packed twice).
+// Not tried: keeping the forward's packed input for the backward (it is packed twice).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -188,20 +193,21 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
   const int64_t pixels = a.out_h * a.out_w;
-  const T* grad = a.packed_grad + tile * a.n_rows * pixels * TW;
+  const T* grad = a.packed_grad + tile * a.n_rows * a.grad_rows * TW;
   for (int64_t block = 0; block < a.n_blocks; ++block) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
       const int32_t begin = ptr[0], end = ptr[1];
       if (begin == end) continue;
-      const T* g_channel = grad + o * pixels * TW;
+      const T* g_channel = grad + o * a.grad_rows * TW;
       int64_t p = 0;
       for (; p + PX <= pixels; p += PX) {
         typename V::reg g[PX][NV];
         T* dst[PX];
         for (int q = 0; q < PX; ++q) {
           dst[q] = acc + static_cast<int64_t>(a.pixel_base[p + q]) * TW;
-          for (int v = 0; v < NV; ++v) g[q][v] = V::load(g_channel + (p + q) * TW + v * W);
+          const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p + q]) * TW;
+          for (int v = 0; v < NV; ++v) g[q][v] = V::load(g_pixel + v * W);
         }
         for (int32_t k = begin; k < end; ++k) {
           const typename V::reg w = V::set1(a.values[k]);
@@ -215,7 +221,8 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
       }
       for (; p < pixels; ++p) {
         typename V::reg g[NV];
-        for (int v = 0; v < NV; ++v) g[v] = V::load(g_channel + p * TW + v * W);
+        const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p]) * TW;
+        for (int v = 0; v < NV; ++v) g[v] = V::load(g_pixel + v * W);
         T* base = acc + static_cast<int64_t>(a.pixel_base[p]) * TW;
         for (int32_t k = begin; k < end; ++k) {
           const typename V::reg w = V::set1(a.values[k]);
@@ -240,7 +247,7 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_til
   constexpr int TW = NV * W;
   constexpr int KB = 4;
   const int64_t pixels = a.out_h * a.out_w;
-  const int64_t grad_tile = a.n_rows * pixels * TW, input_tile = a.in_rows * TW;
+  const int64_t grad_tile = a.n_rows * a.grad_rows * TW, input_tile = a.in_rows * TW;
   for (int64_t index = 0; index < a.n_blocks * (o_end - o_begin); ++index) {
     const int64_t block = index / (o_end - o_begin), o = o_begin + index % (o_end - o_begin);
     const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
@@ -252,12 +259,13 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_til
       typename V::reg acc[KB][2];
       for (int j = 0; j < KB; ++j) acc[j][0] = acc[j][1] = V::zero();
       for (int64_t t = 0; t < n_tiles; ++t) {
-        const T* g_channel = a.packed_grad + t * grad_tile + o * pixels * TW;
+        const T* g_channel = a.packed_grad + t * grad_tile + o * a.grad_rows * TW;
         const T* input = a.packed_input + t * input_tile;
         for (int64_t p = 0; p < pixels; ++p) {
           const int64_t at = static_cast<int64_t>(a.pixel_base[p]) * TW;
+          const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p]) * TW;
           for (int v = 0; v < NV; ++v) {
-            const typename V::reg g = V::load(g_channel + p * TW + v * W);
+            const typename V::reg g = V::load(g_pixel + v * W);
             for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(input + off[j] + at + v * W), acc[j][v & 1]);
           }
         }

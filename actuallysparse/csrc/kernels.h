@@ -92,7 +92,7 @@ struct ConvBackwardArgs {
   const int32_t* crow;
   const int32_t* off;
   const T* values;
-  const T* packed_grad;   // n_tiles tiles of (out_channels * out_h * out_w) * tw
+  const T* packed_grad;   // n_tiles tiles of (out_channels * grad_rows) * tw
   const T* packed_input;  // the padded input as in ConvArgs, or null without grad_values
   int64_t in_rows;
   int64_t tw;
@@ -104,6 +104,8 @@ struct ConvBackwardArgs {
   const int32_t* block_ptr;  // as in ConvArgs, for the backward's channel blocks
   int64_t n_blocks;
   const int32_t* pixel_base; // as in ConvArgs
+  int64_t grad_rows;         // rows of packed_grad per output channel: out_h * out_w, or its padded plane
+  const int32_t* grad_base;  // (out_h * out_w,) row of each output pixel's gradient within its channel
 };
 
 template <typename T>
