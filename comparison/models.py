@@ -85,7 +85,7 @@ class VGG(nn.Module):
         )
         self.reset_parameters()
         # torch 2.14's CPU pooling, training-mode batch norm and dropout were over a third of a pruned
-        # quarter-width VGG11_bn's step: every model the harness builds, the dense reference included,
+        # quarter-width VGG11_bn's training step: every model the harness builds, the dense reference included,
         # runs the library's (the same numbers; dropout the same distribution), so no method gains.
         use_native_layers(self)
 

@@ -14,7 +14,7 @@ def test_defaults_are_valid_and_name_every_method():
                                    if cls.variant_of is None and not cls.from_scratch}
     assert config.methods == DEFAULT_METHODS
     assert config.dataset == "digits" and config.scope == "all"
-    assert config.sparsities == (0.8, 0.9, 0.95, 0.98) and config.lr == 1e-3
+    assert config.sparsities == (0.9, 0.95, 0.98) and config.lr == 1e-3
     assert (config.pretrain_epochs, config.steps, config.epochs_per_step, config.bn_recalibration_batches) == (6, 5, 2, 8)
 
 

@@ -67,7 +67,7 @@ def test_width_is_read_from_the_init_checkpoint(tmp_path):
     path = tmp_path / "half.pt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in vgg11_bn(10, 0.5).state_dict().items()}}, path)
     assert checkpoint_width(path) == 0.5
-    assert RunConfig().width == 0.25
+    assert RunConfig().width == 0.375
     assert RunConfig(init=str(path)).width == 0.5
     assert RunConfig.from_mapping({"init": str(path)}).width == 0.5
     # an explicit width is kept, so loading the checkpoint later keeps its clear error
