@@ -239,6 +239,12 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
 // non-zeros at a time (two accumulators each, eight chains). The tiles are summed in registers
 // and each non-zero's lanes reduced once: reduced per tile, the horizontal sums and the stores
 // cost as much as the products in the 2x2 and 4x4 layers (16 and 32 products a non-zero a tile).
+// The groups of four are counted from the row's start, so a channel block hands the group that
+// crosses its end to the next block's pass instead of running a part-empty one: at 16x16 a block
+// holds three channels, about 2.7 non-zeros of a row at 0.9, and a part-empty group computes all
+// four products. Measured (B=64, 0.9, AVX-512 EPYC, the seven VGG11 layers, value gradient only):
+// 22.2 -> 21.4 ms at width 1, 3.74 -> 3.55 ms at width 0.375. Eight non-zeros a group (one
+// accumulator each) measured 24.2 against 23.4 ms for four.
 template <typename V, int NV>
 void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_tiles, int64_t o_begin,
                          int64_t o_end) {
@@ -252,8 +258,10 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_til
     const int64_t block = index / (o_end - o_begin), o = o_begin + index % (o_end - o_begin);
     const int32_t* ptr = a.block_ptr + o * (a.n_blocks + 1) + block;
     const int32_t begin = ptr[0], end = ptr[1];
-    for (int32_t k0 = begin; k0 < end; k0 += KB) {
-      const int kb = (end - k0) < KB ? (end - k0) : KB;
+    const int32_t row_begin = a.crow[o], row_end = a.crow[o + 1];
+    const int32_t first = row_begin + (begin - row_begin + KB - 1) / KB * KB;
+    for (int32_t k0 = first; k0 < end; k0 += KB) {
+      const int kb = (row_end - k0) < KB ? (row_end - k0) : KB;
       int64_t off[KB];
       for (int j = 0; j < KB; ++j) off[j] = static_cast<int64_t>(a.off[k0 + (j < kb ? j : 0)]) * TW;
       typename V::reg acc[KB][2];
