@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="benchmark sparse convolutions instead: VGG11's CIFAR conv layers at 0.9 and 0.95, "
                              "B=64, and the whole pruned VGG11_bn (see actuallysparse.bench_conv)")
     parser.add_argument("--conv-width", type=float, default=None,
-                        help="with --conv: time every convolution of VGG11 at this width (the harness's model is "
-                             "0.25) at 0.9, batch 1 and 64, instead of the default tables")
+                        help="with --conv: time every convolution of VGG11 at this width (the harness's default model "
+                             "is 0.375) at 0.9, batch 1 and 64, instead of the default tables")
     parser.add_argument("--dynamic", action="store_true",
                         help="benchmark dynamic sparse training instead: RigL's amortised step against the "
                              "fixed-pattern sparse step and masked RigL, 4096x4096 and VGG11_bn at 0.9, B=64 "

@@ -45,7 +45,7 @@ from actuallysparse.timing import (inference_call, openvino_builders, optimizer_
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
 DEFAULT_CONV_SPARSITIES = (0.9, 0.95)
-# --conv-width: every layer of a narrower VGG11 (the harness's model is width 0.25), one image and a batch
+# --conv-width: every layer of a narrower VGG11 (the harness's default model is width 0.375), one image and a batch
 WIDTH_CONV_SPARSITIES = (0.9,)
 WIDTH_CONV_BATCHES = (1, 64)
 DEFAULT_CONV_BATCHES = (64,)
