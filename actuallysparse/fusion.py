@@ -1,5 +1,6 @@
 """The rest of a pruned model: eval-mode BatchNorm folded into the sparse layer before it, for
-inference, and the library's pooling, batch norm and dropout put in place of torch's.
+inference, and the library's pooling, batch norm (with the ReLU after it) and dropout put in
+place of torch's.
 
 In evaluation a BatchNorm is an affine map per channel, ``y = (x - mean) / sqrt(var + eps) *
 gamma + beta``. After a sparse layer it folds into that layer: each output row's stored values
@@ -56,7 +57,8 @@ def fuse_batchnorm(model: nn.Module) -> int:
                              f"with each batch's own and cannot be folded")
     for parent, name, layer, norm in pairs:
         _fold(layer, norm)
-        parent._modules[name] = nn.Identity()
+        # a norm that computed its relu (use_native_layers) leaves the relu in its place
+        parent._modules[name] = nn.ReLU() if getattr(norm, "fused_relu", False) else nn.Identity()
     return len(pairs)
 
 
@@ -92,22 +94,27 @@ def _fold(layer: SparseModule, norm: nn.Module) -> None:
         layer.bias.copy_(layer.bias * scale + shift)
 
 
-def use_native_layers(model: nn.Module) -> int:
+def use_native_layers(model: nn.Module, *, fuse_relu: bool = True) -> int:
     """Give every ``nn.MaxPool2d(2, 2)``, ``nn.BatchNorm2d`` and ``nn.Dropout`` of ``model`` the
     library's class: :class:`~actuallysparse.pooling.MaxPool2x2` and
     :class:`~actuallysparse.normalization.BatchNorm2d` (the same numbers and state on native
     kernels) and :class:`~actuallysparse.dropout.Dropout` (the same distribution, another random
-    stream). In place (the modules keep their parameters and buffers); returns how many layers
-    changed class.
+    stream). With ``fuse_relu``, a ``nn.ReLU`` right after such a batch norm in an
+    ``nn.Sequential`` becomes ``nn.Identity`` and the norm computes it (``fused_relu``): the same
+    numbers, one pass over the activations fewer each way. In place (the modules keep their
+    parameters and buffers; the state_dict is unchanged); returns how many layers changed class,
+    fused ReLUs included.
 
-    Once the convolutions are sparse, torch's CPU pooling, training-mode batch norm and dropout
-    are a large share of what is left of a VGG's step; a dense model gains from this too.
+    Once the convolutions are sparse, torch's CPU pooling, training-mode batch norm, ReLU and
+    dropout are a large share of what is left of a VGG's step; a dense model gains from this too.
 
     Example::
 
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
         >>> use_native_layers(model)
-        2
+        3
+        >>> model[1].fused_relu, type(model[2]).__name__
+        (True, 'Identity')
     """
     changed = 0
     for module in model.modules():
@@ -120,6 +127,17 @@ def use_native_layers(model: nn.Module) -> int:
         elif type(module) is nn.Dropout:
             module.__class__ = Dropout
             changed += 1
+    if fuse_relu:
+        for parent in model.modules():
+            if not isinstance(parent, nn.Sequential):
+                continue
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:]):
+                norm, relu = parent._modules[first], parent._modules[second]
+                if type(norm) is BatchNorm2d and not norm.fused_relu and type(relu) is nn.ReLU:
+                    norm.fused_relu = True
+                    parent._modules[second] = nn.Identity()
+                    changed += 1
     return changed
 
 

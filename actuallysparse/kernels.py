@@ -219,15 +219,20 @@ def max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, width: in
 
 
 def batch_norm_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                     running_var: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                     running_var: Tensor | None, momentum: float, eps: float, relu: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode batch norm of ``(N, C, H, W)``: ``(y, mean, invstd)``; the running statistics,
-    when given, are updated in place as ``F.batch_norm`` updates them."""
-    return _ops().batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps)
+    when given, are updated in place as ``F.batch_norm`` updates them. With ``relu``, ``y`` is the
+    normalised output's relu."""
+    return _ops().batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, relu)
 
 
 def batch_norm_train_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
-                              need_input: bool, need_weight: bool, need_bias: bool
+                              need_input: bool, need_weight: bool, need_bias: bool,
+                              relu_output: Tensor | None = None
                               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(grad_input, grad_weight, grad_bias)`` of :func:`batch_norm_train`; ``None`` for a gradient not needed."""
-    grads = _ops().batch_norm_train_backward(grad_out, x, weight, mean, invstd, need_input, need_weight, need_bias)
+    """``(grad_input, grad_weight, grad_bias)`` of :func:`batch_norm_train`; ``None`` for a gradient not
+    needed. ``relu_output``: the output of a ``relu=True`` forward, through whose relu ``grad_out`` passes."""
+    grads = _ops().batch_norm_train_backward(grad_out, x, weight, mean, invstd, need_input, need_weight, need_bias,
+                                             relu_output)
     return tuple(grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias)))

@@ -20,29 +20,33 @@ from actuallysparse import functional, kernels
 
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):  # noqa: D102
-        y, mean, invstd = kernels.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):  # noqa: D102
+        y, mean, invstd = kernels.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+        # a fused relu's backward reads the output, as torch's relu does
+        ctx.save_for_backward(x, weight, bias, mean, invstd, y if relu else None)
         ctx.eps = eps
+        ctx.relu = relu
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, weight, bias, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd, y = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
-            grads = _differentiable_gradients(grad_out, x, weight, bias, ctx.eps, needs)
+            grads = _differentiable_gradients(grad_out, x, weight, bias, ctx.eps, ctx.relu, needs)
         else:
-            grads = kernels.batch_norm_train_backward(grad_out, x, weight, mean, invstd, *needs)
-        return (*grads, None, None, None, None)
+            grads = kernels.batch_norm_train_backward(grad_out, x, weight, mean, invstd, *needs, y)
+        return (*grads, None, None, None, None, None)
 
 
 def _differentiable_gradients(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                              needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
-    """The three gradients as torch's own batch norm gives them, with their graph (double backward)."""
+                              relu: bool, needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """The three gradients as torch's own batch norm (and relu) give them, with their graph (double backward)."""
     inputs = [t for t, need in zip((x, weight, bias), needs) if need]
     with torch.enable_grad():
         out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        if relu:
+            out = F.relu(out)
         grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)
 
@@ -56,21 +60,24 @@ def _runs_natively(x: Tensor, *others: Tensor | None) -> bool:
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
-               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``F.batch_norm`` with the same arguments; training mode on a 4-D CPU float32/float64 input runs
-    on the native kernel (the running statistics are updated in place as ``F.batch_norm`` does).
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               relu: bool = False) -> Tensor:
+    """``F.batch_norm`` with the same arguments, followed by ``F.relu`` when ``relu`` is set; training
+    mode on a 4-D CPU float32/float64 input runs on the native kernel, the relu in the same pass
+    (the running statistics are updated in place as ``F.batch_norm`` does).
 
     Example::
 
         >>> x = torch.randn(8, 3, 4, 4)
-        >>> torch.testing.assert_close(batch_norm(x, None, None, training=True),
-        ...                            F.batch_norm(x, None, None, training=True))
+        >>> torch.testing.assert_close(batch_norm(x, None, None, training=True, relu=True),
+        ...                            F.relu(F.batch_norm(x, None, None, training=True)))
     """
     if not training or not _runs_natively(input, weight, bias, running_mean, running_var):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(out) if relu else out
     if input.numel() // input.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -79,6 +86,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     The same arguments, buffers, ``state_dict`` and numbers (to float rounding: the statistics
     are summed in double); the class keeps torch's name, so tools that look layers up by class
     name (NNI's model speed-up) treat it as the layer it is.
+
+    ``fused_relu`` (``False`` unless set; :func:`~actuallysparse.fusion.use_native_layers` sets it
+    where a ``nn.ReLU`` followed the norm, and puts ``nn.Identity`` in the ReLU's place) makes the
+    layer return the relu of its output, computed in the same pass: in training the separate
+    ReLU's pass over the activations and its backward's disappear.
 
     Shape:
         - Input: :math:`(N, C, H, W)`
@@ -91,6 +103,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         torch.Size([8, 16, 4, 4])
     """
 
+    fused_relu = False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
+
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Module's name
         # nn.BatchNorm2d's own choice of statistics and averaging factor, then this module's batch_norm
         self._check_input_dim(input)
@@ -101,4 +118,4 @@ class BatchNorm2d(nn.BatchNorm2d):
         use_batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
-                          self.weight, self.bias, use_batch_statistics, factor, self.eps)
+                          self.weight, self.bias, use_batch_statistics, factor, self.eps, relu=self.fused_relu)

@@ -78,15 +78,34 @@ def test_native_layers_take_torch_s_pooling_and_norms_and_compute_the_same(backe
     model.append(nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, 1), nn.MaxPool2d((2, 2), ceil_mode=True)))
     model.append(nn.Dropout(0.3))
     reference = copy.deepcopy(model)
-    assert use_native_layers(model) == 3                  # the BatchNorm2d, the 2x2 pooling of stride 2, dropout
+    # the BatchNorm2d, the ReLU after it (fused into the norm), the 2x2 pooling of stride 2, dropout
+    assert use_native_layers(model) == 4
     assert type(model[8]) is Dropout and model[8].p == 0.3
     assert type(model[1]) is BatchNorm2d and type(model[3]) is MaxPool2x2
+    assert model[1].fused_relu and type(model[2]) is nn.Identity and "fused_relu=True" in repr(model[1])
     assert all(type(pool) is nn.MaxPool2d for pool in model[7])     # other poolings are left as they are
     assert type(model[6]) is nn.BatchNorm1d
+    assert model.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(model[:7](x), reference[:7](x))      # training mode: batch statistics
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = model[:7](x_ours), reference[:7](x_ref)         # training mode: batch statistics
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(model[1].weight.grad, reference[1].weight.grad)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     model.eval()
     reference.eval()
     assert fuse_batchnorm(model) == 2                     # the library's norm folds like torch's
+    assert type(model[1]) is nn.ReLU                      # and leaves the relu it computed in its place
     torch.testing.assert_close(model[:7](x), reference[:7](x))
+
+
+def test_native_layers_can_leave_the_relus_alone():
+    from actuallysparse.fusion import use_native_layers
+
+    model = _model()
+    assert use_native_layers(model, fuse_relu=False) == 2
+    assert not model[1].fused_relu and type(model[2]) is nn.ReLU

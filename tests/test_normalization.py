@@ -93,3 +93,39 @@ def test_the_native_kernel_refuses_what_it_cannot_normalise():
         kernels.batch_norm_train(torch.zeros(4, 3), None, None, None, None, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="weight must be a contiguous \\(3,\\) tensor of Float, got Float \\[4\\]"):
         kernels.batch_norm_train(torch.zeros(2, 3, 2, 2), torch.ones(4), None, None, None, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fused_relu_computes_batch_norm_then_relu(backend, dtype):
+    ours, norm = _pair(6, dtype)
+    ours.fused_relu = True
+    reference = nn.Sequential(norm, nn.ReLU(inplace=True))
+    for shape in [(8, 6, 5, 7), (16, 6, 2, 2)]:
+        data = torch.randn(*shape, dtype=dtype) * 3 + 1
+        x_ours, x_ref = data.clone().requires_grad_(), data.clone().requires_grad_()
+        out, expected = ours(x_ours), reference(x_ref)
+        torch.testing.assert_close(out, expected)
+        grad = torch.randn_like(expected)
+        out.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad)
+        for name, parameter in ours.named_parameters():
+            torch.testing.assert_close(parameter.grad, norm.get_parameter(name).grad)
+        assert bool((out >= 0).all()) and bool((out == 0).any())
+    ours.eval()
+    reference.eval()
+    x = torch.randn(4, 6, 3, 3, dtype=dtype)
+    torch.testing.assert_close(ours(x), reference(x))
+    assert repr(ours) == repr(nn.BatchNorm2d(6)).replace(")", ", fused_relu=True)")
+
+
+def test_fused_relu_gradients_of_every_order_match_the_dense_reference(backend):
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def normalise(x, weight, bias):
+        return batch_norm(x, None, None, weight, bias, training=True, relu=True)
+
+    assert torch.autograd.gradcheck(normalise, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(normalise, (x, weight, bias))
