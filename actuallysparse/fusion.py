@@ -57,8 +57,9 @@ def fuse_batchnorm(model: nn.Module) -> int:
                              f"with each batch's own and cannot be folded")
     for parent, name, layer, norm in pairs:
         _fold(layer, norm)
-        # a norm that computed its relu (use_native_layers) leaves the relu in its place
-        parent._modules[name] = nn.ReLU() if getattr(norm, "fused_relu", False) else nn.Identity()
+        # A norm that computed its relu (use_native_layers) leaves the relu in its place, in place on
+        # the layer's own output as the relu it took over was in a VGG (a copy costs a pass).
+        parent._modules[name] = nn.ReLU(inplace=True) if getattr(norm, "fused_relu", False) else nn.Identity()
     return len(pairs)
 
 
