@@ -382,7 +382,10 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   T* dst = out.data_ptr<T>();
   if (tw == 1) std::fill(dst + n_tiles * g.channels * plane, dst + out.numel(), T(0));
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  at::parallel_for(0, n_tiles * g.channels, 1, [&](int64_t begin, int64_t end) {
+  // as in pack: a small copy stays on one thread (a single image's planes are a few KiB)
+  constexpr int64_t kMinElementsPerThread = 1 << 15;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / (plane * tw));
+  at::parallel_for(0, n_tiles * g.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / g.channels, c = item % g.channels;
       const int64_t nb = std::min(tw, batch - t * tw);
