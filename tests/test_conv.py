@@ -295,6 +295,17 @@ def test_single_image_with_rows_wider_than_the_vectors(backend, dtype):
         torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_image_whose_pixels_fit_one_vector(backend, dtype):
+    # A 2x2 output spans 6 lanes at its padded width, a 3x3 one 13, a 1x5 one 5: runs of one
+    # vector where they fit it (8 or 16 lanes), of two otherwise.
+    for height, width in ((2, 2), (3, 3), (1, 5)):
+        dense, sparse = _masked_pair(5, 7, 3, 1, 1, 1, True, dtype=dtype)
+        x = torch.randn(1, 5, height, width, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
+
+
 def test_a_row_too_wide_for_16_bit_columns_keeps_int32_and_computes_alike(backend):
     # 3641 channels x 3 x 3 = 32769 columns: the last does not fit int16
     dense, sparse = _masked_pair(3641, 2, 3, 1, 1, 1, True, density=0.01)

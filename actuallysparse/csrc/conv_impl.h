@@ -116,63 +116,71 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_b
 
 // Forward of a single image with stride 1 along the width (tile width 1: plain padded planes):
 // vectors run over output pixels instead of the batch, so no lane is wasted on a batch of one.
-// A run is 2 vectors of pixels (see conv_single_runs in kernels.h). With stride 1 down the
-// height, runs tile the output rows laid out at the padded width, so a 4x4 output fills 24 lanes
-// instead of 64; the lanes that fall on padding are computed and not stored. Otherwise each
-// output row has its own runs. The packed input has a vector of slack at its end for the last
-// run's reads.
-template <typename V>
+// A run is R vectors of pixels (see conv_single_vectors and conv_single_runs in kernels.h). With
+// stride 1 down the height, runs tile the output rows laid out at the padded width, so a 4x4
+// output fills 22 lanes instead of 64; the lanes that fall on padding are computed and not
+// stored. Otherwise each output row has its own runs. The packed input has a vector of slack at
+// its end for the last run's reads. Every pixel of a 2x2 output fits one vector (R = 1): the two
+// 512->512 @2x2 layers of VGG11 at B=1, 0.9 took 237 and 250 us with two vectors a run.
+template <typename V, int R>
 void conv_forward_single(const ConvArgs<typename V::T>& a, int64_t run, int64_t o_begin, int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
+  constexpr int L = R * W;      // lanes a run
+  constexpr int S = 8 / R;      // accumulator sets over consecutive non-zeros: eight FMA chains in flight
   const int64_t pixels = a.out_h * a.out_w;
   int64_t start;       // input offset of the run's first lane
-  int64_t target[2 * W];  // output pixel of each lane, or -1
+  int64_t target[L];   // output pixel of each lane, or -1
   if (a.stride_h == 1) {
-    start = run * 2 * W;
-    for (int i = 0; i < 2 * W; ++i) {
+    start = run * L;
+    for (int i = 0; i < L; ++i) {
       const int64_t y = (start + i) / a.padded_w, x = (start + i) % a.padded_w;
       target[i] = (y < a.out_h && x < a.out_w) ? y * a.out_w + x : -1;
     }
   } else {
-    const int64_t per_row = (a.out_w + 2 * W - 1) / (2 * W);
-    const int64_t y = run / per_row, x0 = (run % per_row) * 2 * W;
+    const int64_t per_row = (a.out_w + L - 1) / L;
+    const int64_t y = run / per_row, x0 = (run % per_row) * L;
     start = y * a.stride_h * a.padded_w + x0;
-    for (int i = 0; i < 2 * W; ++i) target[i] = x0 + i < a.out_w ? y * a.out_w + x0 + i : -1;
+    for (int i = 0; i < L; ++i) target[i] = x0 + i < a.out_w ? y * a.out_w + x0 + i : -1;
   }
   const T* src = a.packed + start;
-  alignas(64) T lanes[2 * W];
+  alignas(64) T lanes[L];
   for (int64_t o = o_begin; o < o_end; ++o) {
     const int32_t begin = a.crow[o], end = a.crow[o + 1];
-    // four pairs of accumulators over consecutive non-zeros: eight FMA chains in flight
-    typename V::reg acc[4][2];
-    for (int s = 0; s < 4; ++s) acc[s][0] = acc[s][1] = V::zero();
+    typename V::reg acc[S][R];
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) acc[s][r] = V::zero();
     int32_t k = begin;
-    for (; k + 4 <= end; k += 4)
-      for (int s = 0; s < 4; ++s) {
+    for (; k + S <= end; k += S)
+      for (int s = 0; s < S; ++s) {
         const typename V::reg w = V::set1(a.values[k + s]);
         const T* at = src + a.off[k + s];
-        acc[s][0] = V::fmadd(w, V::loadu(at), acc[s][0]);
-        acc[s][1] = V::fmadd(w, V::loadu(at + W), acc[s][1]);
+        for (int r = 0; r < R; ++r) acc[s][r] = V::fmadd(w, V::loadu(at + r * W), acc[s][r]);
       }
     for (; k < end; ++k) {
       const typename V::reg w = V::set1(a.values[k]);
       const T* at = src + a.off[k];
-      acc[0][0] = V::fmadd(w, V::loadu(at), acc[0][0]);
-      acc[0][1] = V::fmadd(w, V::loadu(at + W), acc[0][1]);
+      for (int r = 0; r < R; ++r) acc[0][r] = V::fmadd(w, V::loadu(at + r * W), acc[0][r]);
     }
     const typename V::reg bias = V::set1(a.bias ? a.bias[o] : T(0));
-    V::storeu(lanes, V::add(V::add(acc[0][0], acc[1][0]), V::add(V::add(acc[2][0], acc[3][0]), bias)));
-    V::storeu(lanes + W, V::add(V::add(acc[0][1], acc[1][1]), V::add(V::add(acc[2][1], acc[3][1]), bias)));
+    for (int r = 0; r < R; ++r) {
+      typename V::reg sum = bias;
+      for (int s = 0; s < S; ++s) sum = V::add(sum, acc[s][r]);
+      V::storeu(lanes + r * W, sum);
+    }
     T* dst = a.out + o * pixels;
-    for (int i = 0; i < 2 * W; ++i)
+    for (int i = 0; i < L; ++i)
       if (target[i] >= 0) dst[target[i]] = lanes[i];
   }
 }
 
 template <typename V>
 void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
-  if (a.tw == 1) return conv_forward_single<V>(a, p_begin, o_begin, o_end);  // p_begin: the run
+  if (a.tw == 1) {  // p_begin: the run
+    if (conv_single_vectors(a.out_h, a.out_w, a.padded_w, a.stride_h, V::lanes) == 1)
+      return conv_forward_single<V, 1>(a, p_begin, o_begin, o_end);
+    return conv_forward_single<V, 2>(a, p_begin, o_begin, o_end);
+  }
   switch (a.tw / V::lanes) {
     case 1: return conv_forward_nv<V, 1, kGroupPixels<1>>(a, tile, p_begin, o_begin, o_end);
     case 2: return conv_forward_nv<V, 2, kGroupPixels<2>>(a, tile, p_begin, o_begin, o_end);

@@ -57,10 +57,16 @@ struct BackwardArgs {
 constexpr int kConvChannelChunk = 16;
 constexpr int kConvPixelBlock = 16;
 
-// Runs of 2 * lanes output pixels a single-image forward computes (conv_forward_single): over the
+// Vectors of output pixels in a run of the single-image forward (conv_forward_single): one when
+// every pixel fits in one vector (a 2x2 output at a padded width of 4 spans 6 lanes), else two.
+inline int conv_single_vectors(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes) {
+  return (stride_h == 1 ? (out_h - 1) * padded_w + out_w : out_w) <= lanes ? 1 : 2;
+}
+
+// Runs of conv_single_vectors * lanes output pixels a single-image forward computes: over the
 // output rows laid at the padded width when the height's stride is 1, else row by row.
 inline int64_t conv_single_runs(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes) {
-  const int64_t run = 2 * lanes;
+  const int64_t run = conv_single_vectors(out_h, out_w, padded_w, stride_h, lanes) * lanes;
   if (stride_h == 1) return ((out_h - 1) * padded_w + out_w + run - 1) / run;
   return out_h * ((out_w + run - 1) / run);
 }
