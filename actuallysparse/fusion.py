@@ -63,19 +63,23 @@ def fuse_batchnorm(model: nn.Module) -> int:
     return len(pairs)
 
 
+def _neighbours(model: nn.Module):
+    """``(sequential, name of the second, first, second)`` for every two consecutive modules of
+    every ``nn.Sequential`` in ``model`` (taken as a list first, so the caller may replace the second)."""
+    found = []
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            found += [(parent, second, parent._modules[first], parent._modules[second])
+                      for first, second in zip(names, names[1:])]
+    return found
+
+
 def _foldable_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, SparseModule, nn.Module]]:
     """``(sequential, name of the norm in it, sparse layer, norm)`` for each sparse layer directly
     followed by its kind of BatchNorm."""
-    pairs = []
-    for parent in model.modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        names = list(parent._modules)
-        for first, second in zip(names, names[1:]):
-            layer, norm = parent._modules[first], parent._modules[second]
-            if any(isinstance(layer, layer_type) and type(norm) in norm_types for layer_type, norm_types in _PAIRS):
-                pairs.append((parent, second, layer, norm))
-    return pairs
+    return [(parent, name, layer, norm) for parent, name, layer, norm in _neighbours(model)
+            if any(isinstance(layer, layer_type) and type(norm) in norm_types for layer_type, norm_types in _PAIRS)]
 
 
 @torch.no_grad()
@@ -129,16 +133,11 @@ def use_native_layers(model: nn.Module, *, fuse_relu: bool = True) -> int:
             module.__class__ = Dropout
             changed += 1
     if fuse_relu:
-        for parent in model.modules():
-            if not isinstance(parent, nn.Sequential):
-                continue
-            names = list(parent._modules)
-            for first, second in zip(names, names[1:]):
-                norm, relu = parent._modules[first], parent._modules[second]
-                if type(norm) is BatchNorm2d and not norm.fused_relu and type(relu) is nn.ReLU:
-                    norm.fused_relu = True
-                    parent._modules[second] = nn.Identity()
-                    changed += 1
+        for parent, name, norm, relu in _neighbours(model):
+            if type(norm) is BatchNorm2d and not norm.fused_relu and type(relu) is nn.ReLU:
+                norm.fused_relu = True
+                parent._modules[name] = nn.Identity()
+                changed += 1
     return changed
 
 

@@ -17,7 +17,11 @@ def _pair(channels, dtype, **kwargs):
     return ours, reference
 
 
-def _assert_same_step(ours, reference, data):
+def _assert_same_step(ours, reference, data, norm=None):
+    """One forward and backward of both on ``data``: outputs, input gradients, and the parameters'
+    gradients and buffers against ``norm`` (the reference's norm; ``reference`` itself by default).
+    Returns our output."""
+    norm = reference if norm is None else norm
     x_ours, x_ref = data.clone().requires_grad_(), data.clone().requires_grad_()
     out, expected = ours(x_ours), reference(x_ref)
     torch.testing.assert_close(out, expected)
@@ -26,9 +30,10 @@ def _assert_same_step(ours, reference, data):
     expected.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     for name, parameter in ours.named_parameters():
-        torch.testing.assert_close(parameter.grad, reference.get_parameter(name).grad)
+        torch.testing.assert_close(parameter.grad, norm.get_parameter(name).grad)
     for name, buffer in ours.named_buffers():
-        torch.testing.assert_close(buffer, reference.get_buffer(name))
+        torch.testing.assert_close(buffer, norm.get_buffer(name))
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,16 +106,7 @@ def test_a_fused_relu_computes_batch_norm_then_relu(backend, dtype):
     ours.fused_relu = True
     reference = nn.Sequential(norm, nn.ReLU(inplace=True))
     for shape in [(8, 6, 5, 7), (16, 6, 2, 2)]:
-        data = torch.randn(*shape, dtype=dtype) * 3 + 1
-        x_ours, x_ref = data.clone().requires_grad_(), data.clone().requires_grad_()
-        out, expected = ours(x_ours), reference(x_ref)
-        torch.testing.assert_close(out, expected)
-        grad = torch.randn_like(expected)
-        out.backward(grad)
-        expected.backward(grad)
-        torch.testing.assert_close(x_ours.grad, x_ref.grad)
-        for name, parameter in ours.named_parameters():
-            torch.testing.assert_close(parameter.grad, norm.get_parameter(name).grad)
+        out = _assert_same_step(ours, reference, torch.randn(*shape, dtype=dtype) * 3 + 1, norm)
         assert bool((out >= 0).all()) and bool((out == 0).any())
     ours.eval()
     reference.eval()
