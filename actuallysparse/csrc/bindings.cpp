@@ -546,7 +546,6 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
   at::Tensor grad_values = at::empty({need_values ? nnz : 0}, x.options());
   if (batch == 0 || nnz == 0 || (!need_input && !need_values)) return {grad_x.zero_(), grad_values.zero_()};
   const at::Tensor vals = values.contiguous();
-  const at::Tensor off = conv_offsets(col, g);
   const int32_t* crow_data = crow.data_ptr<int32_t>();
   // the output gradient as the input of the input gradient's convolution (transposed only)
   const ConvGeometry gt = transposed ? conv_geometry(grad_out, geometry_t) : ConvGeometry{};
@@ -559,6 +558,14 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
     // gradient row then sits at (y + top) * Wp' + x + left of its channel's plane.
     const at::Tensor packed_grad = transposed ? pack_padded<scalar_t>(grad_out, tw, gt)
                                               : pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
+    const auto input_grad_as_forward = [&] {
+      const at::Tensor vals_t = vals.index_select(0, *perm);
+      run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, conv_offsets(*t_col, gt),
+                                 vals_t.data_ptr<scalar_t>(), nullptr, g.channels, grad_x);
+    };
+    // without the value gradient, nothing below walks W's own rows
+    if (transposed && !need_values) return input_grad_as_forward();
+    const at::Tensor off = conv_offsets(col, g);
     const int64_t grad_rows = transposed ? gt.padded_h * gt.padded_w : g.out_h * g.out_w;
     at::Tensor grad_base = at::empty({g.out_h * g.out_w}, crow.options());
     int32_t* grad_base_data = grad_base.data_ptr<int32_t>();
@@ -591,13 +598,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
       });
     }
     if (!need_input) return;
-    if (transposed) {
-      const at::Tensor vals_t = vals.index_select(0, *perm);
-      const at::Tensor off_t = conv_offsets(*t_col, gt);
-      run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, off_t,
-                                 vals_t.data_ptr<scalar_t>(), nullptr, g.channels, grad_x);
-      return;
-    }
+    if (transposed) return input_grad_as_forward();
     const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((threads + n_tiles - 1) / n_tiles, n_rows));
     // Each item zeroes its own accumulation tile just before scattering into it (in its cache),
     // instead of one separate pass over every tile.
