@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from actuallysparse.functional import TransposedPattern, conv_output_size, conv_transpose_pattern, sparse_conv2d
-from actuallysparse.storage import SparseModule, check_k, check_positive
+from actuallysparse.storage import SparseModule, check_k, check_positive, column_dtype_for
 
 PADDING_STRINGS = ("same", "valid")
 
@@ -134,8 +134,9 @@ class SparseConv2d(SparseModule):
         with every change of pattern or device and by ``eval()``, as the linear layer's is."""
         if self._transposed is None:
             crow, col = self._pattern()
-            self._transposed = conv_transpose_pattern(crow, col, self.in_channels,
-                                                      self.kernel_size[0] * self.kernel_size[1])
+            taps = self.kernel_size[0] * self.kernel_size[1]
+            self._transposed = conv_transpose_pattern(
+                crow, col, self.in_channels, taps, column_dtype_for(self.in_channels, self.out_channels * taps, True))
         return self._transposed
 
     def geometry(self) -> tuple[int, ...]:

@@ -110,20 +110,21 @@ def transpose_pattern(crow: Tensor, col: Tensor, in_features: int) -> Transposed
     )
 
 
-def conv_transpose_pattern(crow: Tensor, col: Tensor, in_channels: int, taps: int) -> TransposedPattern:
+def conv_transpose_pattern(crow: Tensor, col: Tensor, in_channels: int, taps: int,
+                           column_dtype: torch.dtype) -> TransposedPattern:
     """The pattern of a convolution's weight transposed over channels with its taps flipped.
 
     Rows are input channels; the non-zero at column ``c * taps + t`` of output channel ``o``
-    becomes column ``o * taps + (taps - 1 - t)`` of row ``c`` (``taps = kh * kw``). With it, the
-    input gradient of a stride-1 convolution is itself a convolution of the output gradient, which
-    the native kernels compute like a forward (done once per pattern, not per step).
+    becomes column ``o * taps + (taps - 1 - t)`` of row ``c`` (``taps = kh * kw``), stored as
+    ``column_dtype``. With it, the input gradient of a stride-1 convolution is itself a convolution
+    of the output gradient, which the native kernels compute like a forward (done once per pattern,
+    not per step).
     """
     rows = rows_from_crow(crow)
     columns = col.long()
     channel, flipped = columns // taps, rows * taps + (taps - 1 - columns % taps)
     order = torch.argsort(channel * ((len(crow) - 1) * taps) + flipped)
     index_dtype = crow.dtype
-    column_dtype = col.dtype if (len(crow) - 1) * taps <= (1 << 15) else index_dtype
     return TransposedPattern(
         crow=crow_from_rows(channel[order], in_channels, index_dtype),
         col=flipped[order].to(column_dtype).contiguous(),
