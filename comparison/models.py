@@ -86,10 +86,9 @@ class VGG(nn.Module):
         self.reset_parameters()
         # torch 2.14's CPU pooling, training-mode batch norm and dropout were over a third of a pruned
         # quarter-width VGG11_bn's training step: every model the harness builds, the dense reference
-        # included, runs the library's (the same numbers; dropout the same distribution), so no method
-        # gains. The ReLUs stay layers of their own: NNI's ModelSpeedup (nni-structured) rebuilds each
-        # batch norm as a new torch module, which would drop a fused relu.
-        use_native_layers(self, fuse_relu=False)
+        # included, runs the library's, each ReLU after a batch norm computed by the norm (the same
+        # numbers; dropout the same distribution), so no method gains.
+        use_native_layers(self)
 
     def reset_parameters(self) -> None:
         """Initialise as torchvision's VGG does (Kaiming convs, N(0, 0.01) Linear weights, zero biases)."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.layers import SparseLayer
+from actuallysparse.normalization import BatchNorm2d
 from actuallysparse.storage import SparseModule
 from comparison.config import RunConfig
 from comparison.methods import available_methods, make_method, target_layer_names
@@ -214,6 +215,9 @@ def test_nni_structured_shrinks_the_model_to_each_target(baseline, scope):
     # the weights are gone from the model, not zeroed
     assert sum(model.get_submodule(name).weight.numel() for name in method.targets) < 0.15 * dense_weights
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # the rebuilt batch norms are the library's again and still compute the relu after them
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    assert norms and all(type(norm) is BatchNorm2d and norm.fused_relu for norm in norms)
 
 
 def test_nni_structured_speedup_computes_what_the_masked_model_computed():

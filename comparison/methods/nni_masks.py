@@ -190,11 +190,11 @@ class NNIStructured(Method):
         pruner.unwrap_model()
         device = next(model.parameters()).device
         dummy = torch.zeros(2, 3, 32, 32, device=device)
-        classes = {name: type(module) for name, module in model.named_modules()}
+        layers = {name: (type(module), getattr(module, "fused_relu", False)) for name, module in model.named_modules()}
         with contextlib.redirect_stdout(io.StringIO()):  # ModelSpeedup prints its progress
             _nni("ModelSpeedup")(model, dummy, masks, graph_module=_traced(model),
                                  logger=_quiet_logger()).speedup_model()
-        _restore_subclasses(model, classes)
+        _restore_subclasses(model, layers)
         model.train(was_training)
         return type(optimizer)(model.parameters(), **optimizer.defaults)
 
@@ -215,14 +215,17 @@ class _TorchLayerLeaves(torch.fx.Tracer):
                 or super().is_leaf_module(module, qualified_name))
 
 
-def _restore_subclasses(model: nn.Module, classes: dict[str, type]) -> None:
+def _restore_subclasses(model: nn.Module, layers: dict[str, tuple[type, bool]]) -> None:
     """Give every layer ``ModelSpeedup`` rebuilt as a torch class (a narrower ``nn.BatchNorm2d``)
-    the subclass it had before: the harness's VGG normalises with the library's faster
-    ``BatchNorm2d``, which adds no state, and every method must run the same layers."""
+    the subclass it had before, and the relu it computed (``fused_relu``): the harness's VGG
+    normalises with the library's faster ``BatchNorm2d``, whose only state beyond torch's is that
+    flag, and every method must run the same layers."""
     for name, module in model.named_modules():
-        before = classes.get(name)
+        before, fused_relu = layers.get(name, (None, False))
         if before is not None and before is not type(module) and issubclass(before, type(module)):
             module.__class__ = before
+            if fused_relu:
+                module.fused_relu = True
 
 
 def _traced(model: nn.Module) -> torch.fx.GraphModule:
