@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,26 +234,33 @@ class DenseReference:
         model: the dense baseline (eval mode), timed interleaved with the cell's model.
         flops: its :func:`forward_flops`.
         bytes: its :func:`held_bytes`.
-        train_step_ms: median wall time of its training step at the run's batch size.
+        train_step_ms: median wall time of its training step at the run's batch size, measured
+            when the cell starts.
+        time_step: one more training step of a training copy of the baseline (its own
+            optimizer, a fixed random batch); returns its wall time in ms. The runner calls it
+            between the cell's own steps, so the two are timed under the same conditions.
     """
 
     model: nn.Module
     flops: int
     bytes: int
     train_step_ms: float
+    time_step: Callable[[], float]
 
 
-def dense_reference(model: nn.Module, optimizer_factory, *, batch_size: int, steps: int = 20,
+def dense_reference(model: nn.Module, optimizer_factory, *, batch_size: int, steps: int = 5,
                     device: torch.device | str = "cpu", input_shape: tuple[int, ...] = IMAGE_SHAPE,
                     num_classes: int = 10) -> DenseReference:
     """Measure the dense baseline ``model``: FLOPs, bytes, and the median of ``steps`` timed
-    training steps (after one untimed) of a copy, so ``model`` itself is left as it was.
+    training steps (after one untimed) of a copy, so ``model`` itself is left as it was; the copy
+    stays to be stepped again (:attr:`DenseReference.time_step`).
 
-    Every cell's training-step speedup divides this median by the median of the cell's own
-    hundreds of fine-tuning steps. With 5 steps, in the default run of b22d88f, the references of
-    the ``actuallysparse`` cells at 0.9 read 49 ms for seed 0 and 42-44 ms for seeds 1 and 2
-    (speedups 2.22 against 1.70 and 1.69, the cells' own steps 22-26 ms). 20 steps cost about a
-    second a cell."""
+    A median of steps taken in one burst when the cell starts proved a poor reference on a shared
+    host: in the default run of 9fa8879 (20 steps) the ``actuallysparse`` cells at 0.9 took
+    25-26 ms a step in every seed while their references read about 50, 41 and 49 ms (speedups
+    1.93, 1.61, 1.89), and in that of b22d88f (5 steps) 49 against 42-44 ms. The runner therefore
+    times the reference between the cell's own steps (``_reference_sampler``); this burst is only
+    the fallback of a step without such samples."""
     import copy
 
     device = torch.device(device)
@@ -261,10 +269,14 @@ def dense_reference(model: nn.Module, optimizer_factory, *, batch_size: int, ste
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_shape, generator=generator).to(device)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    times = [timed_step(trained, optimizer, x, y, device)[1] for _ in range(steps + 1)][1:]
-    del trained, optimizer
+
+    def time_step() -> float:
+        return timed_step(trained, optimizer, x, y, device)[1]
+
+    times = [time_step() for _ in range(steps + 1)][1:]
     model = model.to(device).eval()
-    return DenseReference(model, forward_flops(model, input_shape), held_bytes(model), statistics.median(times))
+    return DenseReference(model, forward_flops(model, input_shape), held_bytes(model), statistics.median(times),
+                          time_step)
 
 
 @torch.inference_mode()
@@ -295,9 +307,12 @@ def latency_pair_ms(model: nn.Module, reference: nn.Module, batch_size: int, *, 
 
 
 def comparison_measurements(model: nn.Module, reference: DenseReference, *, batch_sizes: list[int], repeats: int,
-                            train_step_ms: float | None, device: torch.device | str = "cpu") -> list[Measurement]:
+                            train_step_ms: float | None, reference_step_ms: float | None = None,
+                            device: torch.device | str = "cpu") -> list[Measurement]:
     """Latency at each batch size, and the cell against its dense reference: FLOPs, theoretical
-    and measured speedup (dense ÷ cell: above 1 is faster), compression (dense bytes ÷ bytes held)."""
+    and measured speedup (dense ÷ cell: above 1 is faster), compression (dense bytes ÷ bytes held).
+    The training-step speedup divides ``reference_step_ms`` (the reference's steps taken between
+    the cell's; its steps at the cell's start when ``None``) by ``train_step_ms``."""
     flops = forward_flops(model)
     rows = [
         Measurement("flops", flops, "flop", "one forward pass of one sample; a sparse layer counts 2 per stored weight"),
@@ -314,6 +329,8 @@ def comparison_measurements(model: nn.Module, reference: DenseReference, *, batc
         rows.append(Measurement(name, dense_ms / ms, "ratio",
                                 f"dense latency / this model's latency, inference at batch {batch_size}, timed alternately"))
     if train_step_ms:
-        rows.append(Measurement("measured_speedup_train_step", reference.train_step_ms / train_step_ms, "ratio",
-                                "dense training step / this model's training step (median), same batch size"))
+        dense_ms = reference_step_ms or reference.train_step_ms
+        rows.append(Measurement("measured_speedup_train_step", dense_ms / train_step_ms, "ratio",
+                                "dense training step / this model's training step (medians, same batch size; the "
+                                "dense steps taken between this model's)"))
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -298,11 +299,13 @@ def run_cell(
             schedule = [cell.target_sparsity] * len(schedule)
         pretraining = config.pretrain_epochs if method.from_scratch and not config.init else 0
         batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        between_steps, reference_window = _reference_sampler(reference)
         after_step = method.start_training(
             model, optimizer, total_steps=(pretraining + len(schedule) * config.epochs_per_step) * batches_per_epoch,
             steps_per_epoch=batches_per_epoch)
-        measure = functools.partial(_measure_step, config, method, reference=reference, data=data, device=device,
-                                    threads=threads, scratch_dir=scratch_dir)
+        measure = functools.partial(_measure_step, config, method, reference=reference,
+                                    reference_window=reference_window, data=data, device=device, threads=threads,
+                                    scratch_dir=scratch_dir)
         training_s = 0.0 if method.from_scratch else pretrain_s
         add(measure(model, optimizer, None, 0.0, probe=False))
         add([Measurement("elapsed_s", time.perf_counter() - start, "s"),
@@ -312,13 +315,14 @@ def run_cell(
             optimizer = method.prune(model, target, optimizer) or optimizer
             epochs = [
                 train_epoch(model, optimizer, data.train, batch_size=config.batch_size, seed=cell.seed,
-                            stream="pretrain", epoch=index, device=device, on_batch=on_batch, after_step=after_step)
+                            stream="pretrain", epoch=index, device=device, on_batch=on_batch, after_step=after_step,
+                            between_steps=between_steps)
                 for index in range(pretraining if step == 1 else 0)
             ]
             epochs += [
                 train_epoch(model, optimizer, data.train, batch_size=config.batch_size, seed=cell.seed,
                             stream="finetune", epoch=(step - 1) * config.epochs_per_step + index,
-                            device=device, on_batch=on_batch, after_step=after_step)
+                            device=device, on_batch=on_batch, after_step=after_step, between_steps=between_steps)
                 for index in range(config.epochs_per_step)
             ]
             training_s += sum(epoch.seconds for epoch in epochs)
@@ -344,6 +348,32 @@ def run_cell(
     return rows
 
 
+# A training step of the dense reference is timed after every REFERENCE_EVERY-th step of the
+# cell's own, so both medians come from the same stretch of time (see dense_reference).
+REFERENCE_EVERY = 6
+
+
+def _reference_sampler(reference: DenseReference) -> tuple[Callable[[], None], Callable[[], float | None]]:
+    """``(between_steps, window)``: ``between_steps`` times a reference step after every
+    :data:`REFERENCE_EVERY`-th call, with the global random state put back afterwards (the
+    cell's dropout draws stay those of every other method); ``window()`` returns the median of the
+    samples since its last call (``None`` when there are none) and starts a new window."""
+    samples: list[float] = []
+    calls = itertools.count(1)
+
+    def between_steps() -> None:
+        if next(calls) % REFERENCE_EVERY == 0:
+            with torch.random.fork_rng(devices=[]):
+                samples.append(reference.time_step())
+
+    def window() -> float | None:
+        median = statistics.median(samples) if samples else None
+        samples.clear()
+        return median
+
+    return between_steps, window
+
+
 def _measure_step(
     config: RunConfig,
     method: Method,
@@ -354,6 +384,7 @@ def _measure_step(
     *,
     probe: bool,
     reference: DenseReference,
+    reference_window: Callable[[], float | None],
     data: Dataset,
     device: torch.device,
     threads: int,
@@ -388,7 +419,8 @@ def _measure_step(
         Measurement("test_eval_s", result.seconds, "s"),
     ]
     rows += comparison_measurements(model, reference, batch_sizes=sorted({1, config.batch_size}),
-                                    repeats=config.latency_repeats, train_step_ms=train_step_ms, device=device)
+                                    repeats=config.latency_repeats, train_step_ms=train_step_ms,
+                                    reference_step_ms=reference_window(), device=device)
     rows.append(Measurement("checkpoint_bytes", checkpoint_bytes(model, scratch_dir), "bytes"))
     if not (probe and config.probe_memory):
         return rows

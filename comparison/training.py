@@ -70,6 +70,7 @@ def train_epoch(
     device: torch.device | str = "cpu",
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     after_step: Callable[[], object] | None = None,
+    between_steps: Callable[[], object] | None = None,
 ) -> EpochResult:
     """Train ``model`` for one epoch on the seeded batch order of ``(seed, stream, epoch)``.
 
@@ -81,6 +82,8 @@ def train_epoch(
             to check that methods see identical data).
         after_step: called after each optimizer step, inside the timed step (dynamic sparse
             training moves its weights there: its cost is part of the step's time).
+        between_steps: called after each timed step, outside its time (the runner times the
+            dense reference's steps there, under the same conditions as the model's own).
 
     Raises:
         NonFiniteLossError: a batch loss was NaN or infinite.
@@ -99,6 +102,8 @@ def train_epoch(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss, milliseconds = timed_step(model, optimizer, images, labels, device, after_step)
         step_times_ms.append(milliseconds)
+        if between_steps is not None:
+            between_steps()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"training loss became {value} at epoch {epoch}, batch {batch_index}")

@@ -277,3 +277,25 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="cuda.*--device cpu"):
         runner.resolve_device("cuda")
+
+
+def test_the_dense_reference_is_timed_between_the_cell_s_steps_without_touching_its_random_stream():
+    timed = []
+
+    class Reference:
+        @staticmethod
+        def time_step():
+            torch.rand(3)  # a reference step draws dropout masks of its own
+            timed.append(len(timed))
+            return 10.0 + len(timed)
+
+    between_steps, window = runner._reference_sampler(Reference())
+    torch.manual_seed(0)
+    for _ in range(2 * runner.REFERENCE_EVERY + 1):
+        between_steps()
+    assert len(timed) == 2                                 # after every REFERENCE_EVERY-th step
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))               # the cell's random stream is as it was
+    assert window() == 11.5                                # the median of the window's samples
+    assert window() is None                                # and the window starts afresh
