@@ -163,6 +163,21 @@ def test_bad_inputs_are_named():
         conv(torch.randn(1, 3, 6, 6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("column", [27, -1, 40000])
+def test_the_native_kernel_names_a_column_outside_the_weight(column):
+    from actuallysparse import kernels
+
+    if not kernels.is_available():
+        pytest.skip("the native kernels could not be built")
+    # 3 input channels x 3x3 taps: columns 0..26; the bad one sits among many good ones
+    col = torch.randint(0, 27, (70000,), dtype=torch.int32)
+    col[50000] = column
+    crow = torch.tensor([0, 70000], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=f"column {column} lies outside the 27 columns of 3 input channels x 3x3"):
+        kernels.conv_forward(torch.randn(2, 3, 5, 5), torch.randn(70000), None, crow, col, 1,
+                             (3, 3, 1, 1, 1, 1, 1, 1, 1, 1))
+
+
 def test_converter_round_trip_is_exact():
     dense = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1)
     with torch.no_grad():
