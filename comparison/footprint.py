@@ -7,9 +7,11 @@ refuses such settings up front with :func:`check_memory`, from an estimate made 
 
 The estimate is deliberately coarse, an upper bound of what one cell holds at once, float32:
 
-- the model's parameters, four times: the model being pruned, its dense reference, the cached
-  baseline, and the copy written for a checkpoint or for the memory probe's child process;
-- their gradients, and the optimizer's state (Adam two per parameter, SGD with momentum one);
+- the model's parameters, five times: the model being pruned, its dense reference and that
+  reference's training copy (stepped between the cell's steps to time it), the cached baseline,
+  and the copy written for a checkpoint or for the memory probe's child process;
+- the gradients and the optimizer's state (Adam two per parameter, SGD with momentum one) of the
+  two that train: the model being pruned and the reference's training copy;
 - the masked copies of the masking methods (the original weight and its mask, per pruned layer);
 - the activations of one training batch: every layer's output, kept for the backward pass, and
   as much again for their gradients.
@@ -29,8 +31,10 @@ from comparison.methods import target_layer_names
 from comparison.models import VGG
 
 FLOAT_BYTES = 4
-# The model being pruned, its dense reference, the cached baseline, and a checkpoint/probe copy.
-MODEL_COPIES = 4
+# The model being pruned, its dense reference and its training copy, the cached baseline, and a
+# checkpoint/probe copy; the first and the training copy hold gradients and optimizer state.
+MODEL_COPIES = 5
+TRAINED_COPIES = 2
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -70,7 +74,8 @@ class MemoryEstimate:
 
     Attributes:
         parameters_bytes: one copy of the model's parameters and buffers.
-        gradients_bytes, optimizer_state_bytes: of the model being trained.
+        gradients_bytes, optimizer_state_bytes: of one model being trained (a cell trains
+            :data:`TRAINED_COPIES`).
         masked_copies_bytes: original weights and masks of the pruned layers (masking methods).
         activations_bytes: one training batch's layer outputs and their gradients.
         batch_size: the batch the activations are counted for.
@@ -85,13 +90,14 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return (MODEL_COPIES * self.parameters_bytes + self.gradients_bytes + self.optimizer_state_bytes
-                + self.masked_copies_bytes + self.activations_bytes)
+        trained = TRAINED_COPIES * (self.gradients_bytes + self.optimizer_state_bytes)
+        return MODEL_COPIES * self.parameters_bytes + trained + self.masked_copies_bytes + self.activations_bytes
 
     def describe(self) -> str:
         return (f"about {format_size(self.total_bytes)}: parameters {format_size(self.parameters_bytes)} "
-                f"x{MODEL_COPIES} copies, gradients {format_size(self.gradients_bytes)}, optimizer state "
-                f"{format_size(self.optimizer_state_bytes)}, masked copies {format_size(self.masked_copies_bytes)}, "
+                f"x{MODEL_COPIES} copies, gradients {format_size(self.gradients_bytes)} and optimizer state "
+                f"{format_size(self.optimizer_state_bytes)} x{TRAINED_COPIES}, masked copies "
+                f"{format_size(self.masked_copies_bytes)}, "
                 f"activations of one batch of {self.batch_size} {format_size(self.activations_bytes)}")
 
 

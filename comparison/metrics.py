@@ -329,8 +329,8 @@ def comparison_measurements(model: nn.Module, reference: DenseReference, *, batc
         rows.append(Measurement(name, dense_ms / ms, "ratio",
                                 f"dense latency / this model's latency, inference at batch {batch_size}, timed alternately"))
     if train_step_ms:
-        dense_ms = reference_step_ms or reference.train_step_ms
-        rows.append(Measurement("measured_speedup_train_step", dense_ms / train_step_ms, "ratio",
+        reference_ms = reference_step_ms or reference.train_step_ms
+        rows.append(Measurement("measured_speedup_train_step", reference_ms / train_step_ms, "ratio",
                                 "dense training step / this model's training step (medians, same batch size; the "
                                 "dense steps taken between this model's)"))
     return rows

@@ -6,7 +6,7 @@ import torch
 from comparison import footprint
 from comparison.cli import main
 from comparison.config import RunConfig
-from comparison.footprint import MODEL_COPIES, estimate_memory, parse_size
+from comparison.footprint import MODEL_COPIES, TRAINED_COPIES, estimate_memory, parse_size
 from comparison.models import VGG
 from tiny_run import TINY
 
@@ -43,6 +43,9 @@ def test_the_estimate_counts_the_real_model_and_grows_with_width_and_batch():
         hook.remove()
     assert estimate.activations_bytes == 4 * 2 * (sum(outputs) + 16 * 3 * 32 * 32)
     assert estimate.total_bytes > MODEL_COPIES * estimate.parameters_bytes
+    # the model being pruned and the dense reference's training copy both hold gradients and Adam's moments
+    assert estimate.total_bytes >= (MODEL_COPIES * estimate.parameters_bytes
+                                    + TRAINED_COPIES * (estimate.gradients_bytes + estimate.optimizer_state_bytes))
     assert estimate_memory(config.replace(width=0.25), 10).total_bytes > estimate.total_bytes
     assert estimate_memory(config.replace(batch_size=64), 10).activations_bytes == 4 * estimate.activations_bytes
     assert estimate_memory(config.replace(methods=("dense", "actuallysparse")), 10).masked_copies_bytes == 0
