@@ -14,7 +14,8 @@
 // when the input gradient runs as a forward over it (see below).
 //
 // Loop order, measured in one process on VGG11's CIFAR layers (3x3, 64-512 channels, 16x16 to
-// 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers):
+// 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers
+// unless said):
 // - batch tiles of two vectors (16 floats): against one vector the forward took 1.4x as long,
 //   against four 1.1x (the input rows a tile reads then outgrow L2);
 // - forward: per batch tile, 16 output channels share a buffer of partial sums for 16 output
@@ -28,11 +29,12 @@
 //   its taps flipped (cached with the pattern, see conv_transpose_pattern in functional.py; the
 //   values are gathered through its permutation once per call). Otherwise it scatters along the
 //   same non-zeros into an accumulation tile of the padded input's layout (48 ms blocked against
-//   56 unblocked). Measured on an AVX-512 EPYC (Zen 5, B=64, 0.9, the seven layers at width 1): both
-//   gradients 41.3 ms scattered against 36.4 transposed, and the pruned VGG11_bn's SGD step
-//   (csr+native, a timing script) 102 -> 83 ms (the scatter's accumulation tiles, summed and unpadded, are gone). Built per call
-//   by a counting sort and read through the permutation inside the kernel (AVX2 EPYC), the same
-//   idea had taken 1.56x the forward's time against 1.47x for the scatter.
+//   56 unblocked). Measured on an AVX-512 EPYC (Zen 5, B=64, 0.9, the seven layers at width 1):
+//   both gradients 41.3 ms scattered against 36.4 transposed, and the pruned VGG11_bn's SGD step
+//   (csr+native, a timing script) 102 -> 83 ms (the scatter's accumulation tiles, summed and
+//   unpadded, are gone). Built per call by a counting sort and read through the permutation
+//   inside the kernel (AVX2 EPYC), the same idea had taken 1.56x the forward's time against 1.47x
+//   for the scatter.
 // - one image (stride 1 along the width) takes conv_forward_single, vectors over output pixels:
 //   at B=1, 0.9, against batch tiles of one vector (7 of 8 lanes idle), 0.72 vs 2.26 ms at 64->128
 //   @32, 0.28 vs 0.64 @8, 1.64 vs 2.04 @4 and 1.45 vs 2.00 @2 (dense: 1.48, 0.42, 1.12, 1.93).
