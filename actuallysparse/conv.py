@@ -7,7 +7,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from actuallysparse.functional import TransposedPattern, conv_output_size, conv_transpose_pattern, sparse_conv2d
+from actuallysparse.functional import (InputOffsets, TransposedPattern, conv_output_size, conv_transpose_pattern,
+                                       sparse_conv2d)
 from actuallysparse.storage import SparseModule, check_k, check_positive, column_dtype_for
 
 PADDING_STRINGS = ("same", "valid")
@@ -52,7 +53,15 @@ class SparseConv2d(SparseModule):
         SparseConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), csr_mode=False, k=0.05)
         >>> conv(torch.ones(2, 3, 5, 5)).shape
         torch.Size([2, 8, 5, 5])
+
+    In evaluation mode, on the native kernels and without a graph, the layer keeps where each
+    non-zero reads its input for the last input size (4 bytes a non-zero, counted by
+    :func:`~actuallysparse.memory.stored_bytes` as a cache), so repeated calls skip that pass;
+    ``train()`` drops it.
     """
+
+    _INFERENCE_CACHES = ("_offsets",)
+    _offsets: InputOffsets | None = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", csr_mode=False, train_mode=True, k=0.05, *, device=None,
@@ -139,6 +148,18 @@ class SparseConv2d(SparseModule):
                 crow, col, self.in_channels, taps, column_dtype_for(self.in_channels, self.out_channels * taps, True))
         return self._transposed
 
+    def _input_offsets(self, build, height: int, width: int) -> Tensor:
+        """Where each non-zero reads a ``height x width`` input (``build``: the backend's
+        ``conv_offsets``), cached for the last input size while in evaluation mode: at one image
+        the pass that makes them costs a large share of the product. The cache holds 4 bytes a
+        non-zero; ``train()`` drops it, as does every change of pattern or device."""
+        cache = self._offsets
+        if cache is None or (cache.height, cache.width) != (height, width):
+            cache = InputOffsets(height, width, build(self._pattern()[1], self.in_channels, height, width,
+                                                      self.geometry()))
+            self._offsets = cache
+        return cache.offsets
+
     def geometry(self) -> tuple[int, ...]:
         """The ten integers the products take: kernel, stride, dilation, padding (top, bottom, left, right)."""
         return tuple(self.kernel_size) + tuple(self.stride) + tuple(self.dilation) + self._padding_sides()
@@ -178,5 +199,6 @@ class SparseConv2d(SparseModule):
         crow, col = self._pattern()
         # the input gradient's pattern, built once per pattern, only where a backward will read it
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
-        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed)
+        offsets = None if self.training else self._input_offsets
+        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed, offsets)
         return out.squeeze(0) if input.dim() == 3 else out

@@ -84,6 +84,21 @@ class TransposedPattern:
     perm: Tensor
 
 
+@dataclass(frozen=True)
+class InputOffsets:
+    """Where each non-zero of a convolution reads its input, for one input size (native kernels).
+
+    Attributes:
+        height, width: the input size they are for.
+        offsets: ``(nnz,)`` int32, the row of the padded input each non-zero reads
+            (:func:`~actuallysparse.kernels.conv_offsets`).
+    """
+
+    height: int
+    width: int
+    offsets: Tensor
+
+
 def rows_from_crow(crow: Tensor) -> Tensor:
     """Expand CSR row pointers into one row index per non-zero (int64)."""
     counts = (crow[1:] - crow[:-1]).long()
@@ -272,7 +287,8 @@ class Backend(NamedTuple):
     (the native kernels scatter along ``W``'s own rows instead), ``conv_uses_transposed`` whether a
     convolution's does (the native kernels run a stride-1 layer's input gradient as a forward over
     the flipped transposed pattern; torch's dense backward needs none): a layer builds that cache
-    only for a backend that reads it.
+    only for a backend that reads it. ``conv_offsets`` builds the per-input-size offsets that a
+    convolution's forward can be given instead of computing them (``None``: the backend reads none).
     """
 
     name: str
@@ -286,14 +302,15 @@ class Backend(NamedTuple):
     conv_uses_transposed: bool
     max_pool2x2: Callable[..., tuple]
     max_pool2x2_backward: Callable[..., Tensor]
+    conv_offsets: Callable[..., Tensor] | None
 
 
 TORCH_BACKEND = Backend("torch", torch_forward, torch_grad_input, torch_grad_values, torch_backward, True,
                         torch_conv_forward, torch_conv_backward, False, torch_max_pool2x2,
-                        torch_max_pool2x2_backward)
+                        torch_max_pool2x2_backward, None)
 NATIVE_BACKEND = Backend("native", kernels.forward, kernels.grad_input, kernels.grad_values, kernels.backward, False,
                          kernels.conv_forward, kernels.conv_backward, True, kernels.max_pool2x2,
-                         kernels.max_pool2x2_backward)
+                         kernels.max_pool2x2_backward, kernels.conv_offsets)
 
 _fallback_warned = False
 _override: str | None = None
@@ -809,7 +826,8 @@ conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_contex
 
 def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
                   geometry: tuple[int, ...],
-                  transposed: TransposedPattern | Callable[[], TransposedPattern] | None = None) -> Tensor:
+                  transposed: TransposedPattern | Callable[[], TransposedPattern] | None = None,
+                  offsets: Callable[[Callable[..., Tensor], int, int], Tensor] | None = None) -> Tensor:
     """Apply a sparse 2-D convolution to a 4-D input ``(batch, in_channels, height, width)``.
 
     Args:
@@ -824,6 +842,11 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
             it (called in eager mode only, and only for a backend that reads it). With it the
             native backend computes a stride-1 layer's input gradient as a forward convolution;
             without it the input gradient is scattered (the same numbers, slower).
+        offsets: a function ``(build, height, width)`` returning the input offsets for an input
+            of that size, from a cache or made by ``build(col, in_channels, height, width,
+            geometry)`` (:func:`~actuallysparse.kernels.conv_offsets`). Called in eager mode
+            without a graph, and only for a backend that reads offsets; spares each call the pass
+            that computes them.
 
     Returns:
         ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight.
@@ -836,6 +859,9 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
         return torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
     backend = backend_for(x, crow)
     if not _needs_autograd(x, values, bias):
+        if offsets is not None and backend.conv_offsets is not None:
+            return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry,
+                                        offsets(backend.conv_offsets, x.shape[2], x.shape[3]))
         return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
     if callable(transposed):
         transposed = transposed() if backend.conv_uses_transposed else None

@@ -188,9 +188,19 @@ def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tenso
 
 
 def conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
-                 geometry: tuple[int, ...]) -> Tensor:
-    """A direct sparse convolution of a 4-D input (``geometry`` as in :mod:`actuallysparse.functional`)."""
-    return _ops().conv2d(x, values, bias, crow, col, out_channels, list(geometry), isa())
+                 geometry: tuple[int, ...], offsets: Tensor | None = None) -> Tensor:
+    """A direct sparse convolution of a 4-D input (``geometry`` as in :mod:`actuallysparse.functional`).
+
+    ``offsets``, from :func:`conv_offsets` for this pattern and the input's size, spares the call
+    the pass that computes them.
+    """
+    return _ops().conv2d(x, values, bias, crow, col, out_channels, list(geometry), isa(), 0, offsets)
+
+
+def conv_offsets(col: Tensor, channels: int, height: int, width: int, geometry: tuple[int, ...]) -> Tensor:
+    """Where each non-zero's input row sits in the padded input of ``channels x height x width``
+    (int32, one per non-zero; ``csrc/conv_impl.h`` describes the layout)."""
+    return _ops().conv_offsets(col, channels, height, width, list(geometry))
 
 
 def conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor, geometry: tuple[int, ...],

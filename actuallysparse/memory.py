@@ -20,6 +20,7 @@ into categories:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -118,10 +119,12 @@ def _module_tensors(module: nn.Module):
     for name, value in vars(module).items():
         if isinstance(value, Tensor) and name not in module._parameters and name not in module._buffers:
             yield name, value, "attribute"
-    if isinstance(module, SparseModule) and module._transposed is not None:
-        cache = module._transposed
-        for name in ("crow", "col", "perm"):
-            yield f"_transposed.{name}", getattr(cache, name), "cache"
+    if isinstance(module, SparseModule):
+        for cache_name, cache in module._caches():
+            for part in dataclasses.fields(cache):
+                value = getattr(cache, part.name)
+                if isinstance(value, Tensor):
+                    yield f"{cache_name}.{part.name}", value, "cache"
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None, params) -> int:

@@ -72,6 +72,24 @@ class SparseModule(nn.Module):
         k: the fraction of all weights one :meth:`prune_smallest_values` removes.
     """
 
+    # Caches of the pattern: attributes built on first use, None when absent, counted by
+    # stored_bytes as caches. Every change of pattern (_register_storage) or device (_apply) drops
+    # them all; eval() drops those only a backward reads, train() those only a graph-free forward
+    # in evaluation mode reads.
+    _TRAINING_CACHES: tuple[str, ...] = ("_transposed",)
+    _INFERENCE_CACHES: tuple[str, ...] = ()
+
+    def _drop_caches(self, names: tuple[str, ...] | None = None) -> None:
+        for name in self._TRAINING_CACHES + self._INFERENCE_CACHES if names is None else names:
+            setattr(self, name, None)
+
+    def _caches(self):
+        """``(name, cache)`` for each cache held now."""
+        for name in self._TRAINING_CACHES + self._INFERENCE_CACHES:
+            cache = getattr(self, name, None)
+            if cache is not None:
+                yield name, cache
+
     @property
     def _matrix_shape(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -119,7 +137,7 @@ class SparseModule(nn.Module):
         else:
             self.register_buffer("indices", torch.stack([rows.to(column_dtype), cols.to(column_dtype)]))
             self.register_buffer("_crow", crow_from_rows(rows, n_rows, index_dtype), persistent=False)
-        self._transposed: TransposedPattern | None = None
+        self._drop_caches()
         old = self._parameters.get("values")
         if reuse_values and old is not None and old.shape == values.shape:
             with torch.no_grad():
@@ -168,7 +186,7 @@ class SparseModule(nn.Module):
         """The cached pattern of the transposed matrix, built when missing.
 
         Every change of pattern (``_register_storage``), of device (``_apply``) and ``eval()``
-        drops the cache, so a present cache is always current.
+        drops the cache (``_drop_caches``), so a present cache is always current.
         """
         if self._transposed is None:
             crow, col = self._pattern()
@@ -176,8 +194,8 @@ class SparseModule(nn.Module):
         return self._transposed
 
     def _apply(self, fn, recurse=True):
-        # The transposed cache is a plain attribute; rebuild it on the new device/dtype lazily.
-        self._transposed = None
+        # The caches are plain attributes; rebuild them on the new device/dtype lazily.
+        self._drop_caches()
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ properties
@@ -219,13 +237,13 @@ class SparseModule(nn.Module):
     def train(self, mode: bool = True):
         """Set training mode; ``train_mode`` mirrors it (kept from the original API).
 
-        Evaluation mode drops the transposed-pattern cache that only backward needs; the
-        next backward rebuilds it.
+        Evaluation mode drops the caches that only backward reads (the transposed pattern),
+        training mode those that only an evaluation-mode forward reads (a convolution's input
+        offsets); the next call that needs one rebuilds it.
         """
         super().train(mode)
         self.train_mode = mode
-        if not mode:
-            self._transposed = None
+        self._drop_caches(self._INFERENCE_CACHES if mode else self._TRAINING_CACHES)
         return self
 
     # ------------------------------------------------------- original API

@@ -97,6 +97,56 @@ def test_transposed_pattern_flips_the_taps_and_is_cached_with_the_pattern():
     assert sparse._transposed is None
 
 
+def test_evaluation_keeps_the_input_offsets_per_input_size_until_pattern_or_mode_changes(backend):
+    native = backend is functional.NATIVE_BACKEND
+    _, sparse = _masked_pair(3, 5, 3, 1, 1, 1, True)
+    sparse.eval()
+
+    def check(height, width):
+        x = torch.randn(2, 3, height, width, dtype=torch.float64)
+        with torch.no_grad():
+            out = sparse(x)
+        expected = F.conv2d(x, sparse.dense_weight(), sparse.bias.detach(), padding=1)
+        torch.testing.assert_close(out, expected, **_tolerance(torch.float64))
+
+    check(7, 9)
+    if not native:  # the torch backend reads no offsets
+        assert sparse._offsets is None
+        return
+    cached = sparse._offsets
+    assert (cached.height, cached.width, cached.offsets.shape) == (7, 9, (sparse.nnz,))
+    assert stored_bytes(sparse).by_category["caches"] == 4 * sparse.nnz
+    check(7, 9)
+    assert sparse._offsets is cached
+    check(5, 6)   # another size replaces the entry
+    assert (sparse._offsets.height, sparse._offsets.width) == (5, 6)
+    prune_to_sparsity(sparse, 0.8)   # a new pattern drops it
+    assert sparse._offsets is None
+    check(5, 6)
+    sparse.train()
+    assert sparse._offsets is None
+    check(5, 6)   # training mode builds none
+    assert sparse._offsets is None
+
+
+def test_given_offsets_compute_what_the_call_would_and_bad_ones_are_named(backend):
+    from actuallysparse import kernels
+
+    if backend is not functional.NATIVE_BACKEND:
+        pytest.skip("offsets are the native kernels' own")
+    dense, sparse = _masked_pair(4, 6, 3, 1, 1, 1, True, dtype=torch.float32)
+    crow, col = sparse._pattern()
+    geometry = sparse.geometry()
+    values, bias = sparse.values.detach(), sparse.bias.detach()
+    for batch, height, width in ((1, 4, 4), (3, 7, 5)):
+        x = torch.randn(batch, 4, height, width)
+        offsets = kernels.conv_offsets(col, 4, height, width, geometry)
+        torch.testing.assert_close(kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets),
+                                   kernels.conv_forward(x, values, bias, crow, col, 6, geometry), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"offsets must be the {sparse.nnz} contiguous int32 offsets"):
+        kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets[1:])
+
+
 def test_no_non_zeros_leaves_the_bias(backend):
     conv = convert(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), "coo")
     conv.keep_entries(torch.zeros(conv.nnz, dtype=torch.bool))

@@ -265,15 +265,16 @@ struct ConvGeometry {
   int64_t channels, height, width, padded_h, padded_w, out_h, out_w;
 };
 
-ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
+ConvGeometry conv_geometry(int64_t channels, int64_t height, int64_t width, at::IntArrayRef g) {
   TORCH_CHECK(g.size() == 10, "convolution geometry must hold 10 integers, got ", g.size());
   ConvGeometry c{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], 0, 0, 0, 0, 0, 0, 0};
   TORCH_CHECK(c.kh > 0 && c.kw > 0 && c.sh > 0 && c.sw > 0 && c.dh > 0 && c.dw > 0 && c.pt >= 0 && c.pb >= 0 &&
               c.pl >= 0 && c.pr >= 0, "kernel size, stride and dilation must be positive and padding >= 0, got ", g);
-  TORCH_CHECK(x.dim() == 4, "convolution input must be 4-D (batch, channels, height, width), got ", x.sizes());
-  c.channels = x.size(1);
-  c.height = x.size(2);
-  c.width = x.size(3);
+  TORCH_CHECK(channels >= 0 && height >= 0 && width >= 0, "channels, height and width must be >= 0, got ", channels,
+              ", ", height, " and ", width);
+  c.channels = channels;
+  c.height = height;
+  c.width = width;
   c.padded_h = c.height + c.pt + c.pb;
   c.padded_w = c.width + c.pl + c.pr;
   const int64_t span_h = c.dh * (c.kh - 1) + 1, span_w = c.dw * (c.kw - 1) + 1;
@@ -283,6 +284,11 @@ ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
   c.out_w = (c.padded_w - span_w) / c.sw + 1;
   TORCH_CHECK(c.channels * c.padded_h * c.padded_w <= INT32_MAX, "input too large for int32 offsets");
   return c;
+}
+
+ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
+  TORCH_CHECK(x.dim() == 4, "convolution input must be 4-D (batch, channels, height, width), got ", x.sizes());
+  return conv_geometry(x.size(1), x.size(2), x.size(3), g);
 }
 
 // Each non-zero's input row in the padded layout (see conv_impl.h): its column is c*kh*kw + i*kw + j.
@@ -322,6 +328,16 @@ at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
     });
   });
   return off;
+}
+
+// conv_offsets as an operator, for a caller that keeps them for repeated calls at one input size
+// (the layer's inference cache: at one image the pass costs a large share of the product).
+at::Tensor input_offsets(const at::Tensor& col, int64_t channels, int64_t height, int64_t width,
+                         at::IntArrayRef geometry) {
+  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) && col.dim() == 1 &&
+              col.is_contiguous(), "column indices must be contiguous 1-D int32 or int16, got ", col.sizes(), " ",
+              col.scalar_type());
+  return conv_offsets(col, conv_geometry(channels, height, width, geometry));
 }
 
 // Where each block of `block_channels` input channels starts in each row of the pattern:
@@ -477,17 +493,22 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
-                  const std::string& isa, int64_t tile_vectors) {
+                  const std::string& isa, int64_t tile_vectors, const c10::optional<at::Tensor>& offsets) {
   check_isa(isa);
   check_pattern(crow, col, n_rows);
   check_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
+  if (offsets.has_value())
+    TORCH_CHECK(offsets->dim() == 1 && offsets->numel() == col.numel() && offsets->scalar_type() == at::kInt &&
+                offsets->is_contiguous() && offsets->device() == col.device(), "offsets must be the ", col.numel(),
+                " contiguous int32 offsets conv_offsets gives for this pattern and input size, got ",
+                offsets->sizes(), " ", offsets->scalar_type());
   const at::Tensor vals = values.contiguous();
   const at::Tensor b = checked_bias(bias, n_rows, x.scalar_type());
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, n_rows, g.out_h, g.out_w}, x.options());
   if (out.numel() == 0) return out;
-  const at::Tensor off = conv_offsets(col, g);
+  const at::Tensor off = offsets.has_value() ? *offsets : conv_offsets(col, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     // one image with stride 1 along the width: vectors over the pixels of a row (tile width 1)
@@ -661,7 +682,8 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, bool need_input, "
         "bool need_values, str isa) -> (Tensor, Tensor)");
   m.def("conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, int[] geometry, "
-        "str isa, int tile_vectors=0) -> Tensor");
+        "str isa, int tile_vectors=0, Tensor? offsets=None) -> Tensor");
+  m.def("conv_offsets(Tensor col, int channels, int height, int width, int[] geometry) -> Tensor");
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, int[] geometry, "
         "bool need_input, bool need_values, str isa, int tile_vectors=0, Tensor? t_crow=None, Tensor? t_col=None, "
         "Tensor? perm=None) -> (Tensor, Tensor)");
@@ -673,4 +695,5 @@ TORCH_LIBRARY_IMPL(actuallysparse_kernels, CPU, m) {
   m.impl("backward", &actuallysparse::backward);
   m.impl("conv2d", &actuallysparse::conv2d);
   m.impl("conv2d_backward", &actuallysparse::conv2d_backward);
+  m.impl("conv_offsets", &actuallysparse::input_offsets);
 }
