@@ -55,7 +55,7 @@ class SparseConv2d(SparseModule):
         torch.Size([2, 8, 5, 5])
 
     In evaluation mode, on the native kernels and without a graph, the layer keeps where each
-    non-zero reads its input for the last input size (4 bytes a non-zero, counted by
+    non-zero reads its input for the last input size (2 bytes a non-zero, counted by
     :func:`~actuallysparse.memory.stored_bytes` as a cache), so repeated calls skip that pass;
     ``train()`` drops it.
     """
@@ -151,8 +151,9 @@ class SparseConv2d(SparseModule):
     def _input_offsets(self, build, height: int, width: int) -> Tensor:
         """Where each non-zero reads a ``height x width`` input (``build``: the backend's
         ``conv_offsets``), cached for the last input size while in evaluation mode: at one image
-        the pass that makes them costs a large share of the product. The cache holds 4 bytes a
-        non-zero; ``train()`` drops it, as does every change of pattern or device."""
+        the pass that makes them costs a large share of the product. The cache holds 2 bytes a
+        non-zero (4 for an input of more than 65536 padded rows over all channels); ``train()``
+        drops it, as does every change of pattern or device."""
         cache = self._offsets
         if cache is None or (cache.height, cache.width) != (height, width):
             cache = InputOffsets(height, width, build(self._pattern()[1], self.in_channels, height, width,

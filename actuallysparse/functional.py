@@ -90,8 +90,8 @@ class InputOffsets:
 
     Attributes:
         height, width: the input size they are for.
-        offsets: ``(nnz,)`` int32, the row of the padded input each non-zero reads
-            (:func:`~actuallysparse.kernels.conv_offsets`).
+        offsets: ``(nnz,)``, the row of the padded input each non-zero reads
+            (:func:`~actuallysparse.kernels.conv_offsets`: 16 bits where they fit, else 32).
     """
 
     height: int

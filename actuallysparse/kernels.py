@@ -198,8 +198,9 @@ def conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, c
 
 
 def conv_offsets(col: Tensor, channels: int, height: int, width: int, geometry: tuple[int, ...]) -> Tensor:
-    """Where each non-zero's input row sits in the padded input of ``channels x height x width``
-    (int32, one per non-zero; ``csrc/conv_impl.h`` describes the layout)."""
+    """Where each non-zero's input row sits in the padded input of ``channels x height x width``,
+    one per non-zero (``csrc/conv_impl.h`` describes the layout): int16 holding them unsigned where
+    the padded input has at most 65536 rows, else int32."""
     return _ops().conv_offsets(col, channels, height, width, list(geometry))
 
 

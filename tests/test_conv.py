@@ -115,7 +115,9 @@ def test_evaluation_keeps_the_input_offsets_per_input_size_until_pattern_or_mode
         return
     cached = sparse._offsets
     assert (cached.height, cached.width, cached.offsets.shape) == (7, 9, (sparse.nnz,))
-    assert stored_bytes(sparse).by_category["caches"] == 4 * sparse.nnz
+    # 3 channels x 9 x 11 padded rows fit 16 bits
+    assert cached.offsets.dtype == torch.int16
+    assert stored_bytes(sparse).by_category["caches"] == 2 * sparse.nnz
     check(7, 9)
     assert sparse._offsets is cached
     check(5, 6)   # another size replaces the entry
@@ -138,13 +140,21 @@ def test_given_offsets_compute_what_the_call_would_and_bad_ones_are_named(backen
     crow, col = sparse._pattern()
     geometry = sparse.geometry()
     values, bias = sparse.values.detach(), sparse.bias.detach()
-    for batch, height, width in ((1, 4, 4), (3, 7, 5)):
+    # 4 x 130 x 130 padded rows need 32 bits, the smaller inputs 16; batches of one and of tiles
+    for batch, height, width, dtype in ((1, 4, 4, torch.int16), (3, 7, 5, torch.int16), (1, 128, 128, torch.int32),
+                                        (3, 128, 128, torch.int32)):
         x = torch.randn(batch, 4, height, width)
         offsets = kernels.conv_offsets(col, 4, height, width, geometry)
-        torch.testing.assert_close(kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets),
-                                   kernels.conv_forward(x, values, bias, crow, col, 6, geometry), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match=f"offsets must be the {sparse.nnz} contiguous int32 offsets"):
+        assert offsets.dtype == dtype
+        expected = F.conv2d(x, sparse.dense_weight(), bias, padding=1)
+        torch.testing.assert_close(kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets), expected,
+                                   **_tolerance(torch.float32))
+        torch.testing.assert_close(kernels.conv_forward(x, values, bias, crow, col, 6, geometry), expected,
+                                   **_tolerance(torch.float32))
+    with pytest.raises(RuntimeError, match=f"offsets must be the {sparse.nnz} contiguous offsets"):
         kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets[1:])
+    with pytest.raises(RuntimeError, match=r"\(int16 only where they fit\), got \[\d+\] Short"):
+        kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets.to(torch.int16))
 
 
 def test_no_non_zeros_leaves_the_bias(backend):

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -300,32 +301,44 @@ ConvGeometry conv_geometry(const at::Tensor& x, at::IntArrayRef g) {
 // profile, with the other thread idle meanwhile). Tried and dropped: no pass at all for one image,
 // its kernel looking each column's offset up itself; the dependent loads (column, table, input)
 // made the 2x2 and 4x4 layers slower than this pass (512->512 @2x2: 178 against 142 us).
-at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g) {
+// With `narrow`, offsets that fit 16 bits (the padded input has at most 65536 rows) come back as
+// int16 holding them unsigned (ConvArgs::off16): with its value a non-zero is 6 bytes to read
+// instead of 8, and at one image the forward is bound by those reads.
+bool offsets_fit_16_bits(const ConvGeometry& g) { return g.channels * g.padded_h * g.padded_w <= (1 << 16); }
+
+at::Tensor conv_offsets(const at::Tensor& col, const ConvGeometry& g, bool narrow) {
   const int64_t columns = g.channels * g.kh * g.kw;
   std::vector<int32_t> table(columns);
   for (int64_t c = 0, at = 0; c < g.channels; ++c)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j, ++at)
         table[at] = static_cast<int32_t>((c * g.padded_h + i * g.dh) * g.padded_w + j * g.dw);
-  at::Tensor off = at::empty({col.numel()}, col.options().dtype(at::kInt));
-  int32_t* dst = off.data_ptr<int32_t>();
+  const bool short_offsets = narrow && offsets_fit_16_bits(g);
+  at::Tensor off = at::empty({col.numel()}, col.options().dtype(short_offsets ? at::kShort : at::kInt));
   const int32_t* lookup = table.data();
   with_column_type(col, [&](auto column) {
     using I = decltype(column);
     const I* src = col.data_ptr<I>();
-    constexpr int64_t kGrain = 1 << 15;
-    at::parallel_for(0, col.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      bool outside = false;
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t c = src[k];
-        outside |= c < 0 || c >= columns;
-        dst[k] = lookup[c < 0 || c >= columns ? 0 : c];
-      }
-      if (!outside) return;
-      for (int64_t k = begin; k < end; ++k)
-        TORCH_CHECK(src[k] >= 0 && src[k] < columns, "a non-zero's column ", src[k], " lies outside the ", columns,
-                    " columns of ", g.channels, " input channels x ", g.kh, "x", g.kw, " taps");
-    });
+    const auto fill = [&](auto* dst) {
+      using O = std::remove_pointer_t<decltype(dst)>;
+      constexpr int64_t kGrain = 1 << 15;
+      at::parallel_for(0, col.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        bool outside = false;
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t c = src[k];
+          outside |= c < 0 || c >= columns;
+          dst[k] = static_cast<O>(lookup[c < 0 || c >= columns ? 0 : c]);
+        }
+        if (!outside) return;
+        for (int64_t k = begin; k < end; ++k)
+          TORCH_CHECK(src[k] >= 0 && src[k] < columns, "a non-zero's column ", src[k], " lies outside the ",
+                      columns, " columns of ", g.channels, " input channels x ", g.kh, "x", g.kw, " taps");
+      });
+    };
+    if (short_offsets)
+      fill(reinterpret_cast<uint16_t*>(off.data_ptr<int16_t>()));
+    else
+      fill(off.data_ptr<int32_t>());
   });
   return off;
 }
@@ -337,7 +350,7 @@ at::Tensor input_offsets(const at::Tensor& col, int64_t channels, int64_t height
   TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) && col.dim() == 1 &&
               col.is_contiguous(), "column indices must be contiguous 1-D int32 or int16, got ", col.sizes(), " ",
               col.scalar_type());
-  return conv_offsets(col, conv_geometry(channels, height, width, geometry));
+  return conv_offsets(col, conv_geometry(channels, height, width, geometry), true);
 }
 
 // Where each block of `block_channels` input channels starts in each row of the pattern:
@@ -461,11 +474,14 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
   // the single-image path walks whole rows of the pattern and needs neither blocks nor pixel bases
   const at::Tensor block_ptr = single ? at::Tensor() : channel_block_ptr(crow, col, n_rows, g, block_channels);
   const at::Tensor bases = single ? at::Tensor() : pixel_bases(g, crow.options());
-  ConvArgs<T> args{crow.data_ptr<int32_t>(), off.data_ptr<int32_t>(), values, packed.data_ptr<T>(),
+  const bool short_offsets = off.scalar_type() == at::kShort;
+  ConvArgs<T> args{crow.data_ptr<int32_t>(), short_offsets ? nullptr : off.data_ptr<int32_t>(), values,
+                   packed.data_ptr<T>(),
                    g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w, g.out_h, g.out_w, g.sh, g.sw,
                    out.data_ptr<T>(), n_rows, bias,
                    single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
-                   single ? nullptr : bases.data_ptr<int32_t>()};
+                   single ? nullptr : bases.data_ptr<int32_t>(),
+                   short_offsets ? reinterpret_cast<const uint16_t*>(off.data_ptr<int16_t>()) : nullptr};
   constexpr int64_t kChunk = kConvChannelChunk;
   const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
   if (single) {
@@ -499,16 +515,17 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   check_operands(x, values, col);
   const ConvGeometry g = conv_geometry(x, geometry);
   if (offsets.has_value())
-    TORCH_CHECK(offsets->dim() == 1 && offsets->numel() == col.numel() && offsets->scalar_type() == at::kInt &&
-                offsets->is_contiguous() && offsets->device() == col.device(), "offsets must be the ", col.numel(),
-                " contiguous int32 offsets conv_offsets gives for this pattern and input size, got ",
-                offsets->sizes(), " ", offsets->scalar_type());
+    TORCH_CHECK(offsets->dim() == 1 && offsets->numel() == col.numel() && offsets->is_contiguous() &&
+                offsets->device() == col.device() && (offsets->scalar_type() == at::kInt ||
+                (offsets->scalar_type() == at::kShort && offsets_fit_16_bits(g))), "offsets must be the ",
+                col.numel(), " contiguous offsets conv_offsets gives for this pattern and input size (int16 only "
+                "where they fit), got ", offsets->sizes(), " ", offsets->scalar_type());
   const at::Tensor vals = values.contiguous();
   const at::Tensor b = checked_bias(bias, n_rows, x.scalar_type());
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, n_rows, g.out_h, g.out_w}, x.options());
   if (out.numel() == 0) return out;
-  const at::Tensor off = offsets.has_value() ? *offsets : conv_offsets(col, g);
+  const at::Tensor off = offsets.has_value() ? *offsets : conv_offsets(col, g, true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     // one image with stride 1 along the width: vectors over the pixels of a row (tile width 1)
@@ -596,12 +613,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
                                               : pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
     const auto input_grad_as_forward = [&] {
       const at::Tensor vals_t = vals.index_select(0, *perm);
-      run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, conv_offsets(*t_col, gt),
+      run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, conv_offsets(*t_col, gt, true),
                                  vals_t.data_ptr<scalar_t>(), nullptr, g.channels, grad_x);
     };
     // without the value gradient, nothing below walks W's own rows
     if (transposed && !need_values) return input_grad_as_forward();
-    const at::Tensor off = conv_offsets(col, g);
+    const at::Tensor off = conv_offsets(col, g, false);
     const int64_t grad_rows = transposed ? gt.padded_h * gt.padded_w : g.out_h * g.out_w;
     at::Tensor grad_base = at::empty({g.out_h * g.out_w}, crow.options());
     int32_t* grad_base_data = grad_base.data_ptr<int32_t>();

@@ -7,6 +7,8 @@
 //   pack[t][(c * Hp + h) * Wp + w][j] = x[t*TW + j][c][h - pad_top][w - pad_left]  (zero outside).
 // A non-zero (o, c, kh, kw) is stored once as the offset of its input "row" in that layout,
 //   off_k = (c * Hp + kh * dh) * Wp + kw * dw,
+// in 16 bits where C * Hp * Wp <= 65536 (every VGG11 layer on 32x32 images: 6 bytes a
+// non-zero with its value, not 8; the forward takes either, the value gradient 32 bits),
 // so output pixel (y, x) of channel o reads rows off_k + pixel_base[p], pixel_base[p] = y*sh*Wp + x*sw
 // for the flattened pixel p = y * out_w + x: the same broadcast
 // of the value and NV fused multiply-adds per non-zero as the linear kernel, with the pixel's
@@ -58,9 +60,9 @@ namespace impl {
 template <int NV>
 constexpr int kGroupPixels = NV >= 3 ? 2 : 8 / NV;
 
-template <typename V, int NV, int PX>
-void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin,
-                     int64_t o_end) {
+template <typename V, int NV, int PX, typename O>
+void conv_forward_nv(const ConvArgs<typename V::T>& a, const O* offsets, int64_t tile, int64_t p_begin,
+                     int64_t o_begin, int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
@@ -87,7 +89,7 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_b
         }
         for (int32_t k = begin; k < end; ++k) {
           const typename V::reg w = V::set1(a.values[k]);
-          const int64_t off = static_cast<int64_t>(a.off[k]) * TW;
+          const int64_t off = static_cast<int64_t>(offsets[k]) * TW;
           for (int q = 0; q < PX; ++q)
             for (int v = 0; v < NV; ++v) acc[q][v] = V::fmadd(w, V::load(src[q] + off + v * W), acc[q][v]);
         }
@@ -100,7 +102,7 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_b
         const T* src = pack + static_cast<int64_t>(a.pixel_base[p]) * TW;
         for (int32_t k = begin; k < end; ++k) {
           const typename V::reg w = V::set1(a.values[k]);
-          const T* row = src + static_cast<int64_t>(a.off[k]) * TW;
+          const T* row = src + static_cast<int64_t>(offsets[k]) * TW;
           for (int v = 0; v < NV; ++v) acc[v] = V::fmadd(w, V::load(row + v * W), acc[v]);
         }
         for (int v = 0; v < NV; ++v) V::store(sums + (p - p_begin) * TW + v * W, acc[v]);
@@ -124,8 +126,9 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_b
 // stored. Otherwise each output row has its own runs. The packed input has a vector of slack at
 // its end for the last run's reads. Every pixel of a 2x2 output fits one vector (R = 1): the two
 // 512->512 @2x2 layers of VGG11 at B=1, 0.9 took 237 and 250 us with two vectors a run.
-template <typename V, int R>
-void conv_forward_single(const ConvArgs<typename V::T>& a, int64_t run, int64_t o_begin, int64_t o_end) {
+template <typename V, int R, typename O>
+void conv_forward_single(const ConvArgs<typename V::T>& a, const O* offsets, int64_t run, int64_t o_begin,
+                         int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int L = R * W;      // lanes a run
@@ -156,12 +159,12 @@ void conv_forward_single(const ConvArgs<typename V::T>& a, int64_t run, int64_t 
     for (; k + S <= end; k += S)
       for (int s = 0; s < S; ++s) {
         const typename V::reg w = V::set1(a.values[k + s]);
-        const T* at = src + a.off[k + s];
+        const T* at = src + offsets[k + s];
         for (int r = 0; r < R; ++r) acc[s][r] = V::fmadd(w, V::loadu(at + r * W), acc[s][r]);
       }
     for (; k < end; ++k) {
       const typename V::reg w = V::set1(a.values[k]);
-      const T* at = src + a.off[k];
+      const T* at = src + offsets[k];
       for (int r = 0; r < R; ++r) acc[0][r] = V::fmadd(w, V::loadu(at + r * W), acc[0][r]);
     }
     const typename V::reg bias = V::set1(a.bias ? a.bias[o] : T(0));
@@ -176,20 +179,28 @@ void conv_forward_single(const ConvArgs<typename V::T>& a, int64_t run, int64_t 
   }
 }
 
-template <typename V>
-void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
+template <typename V, typename O>
+void conv_forward_with(const ConvArgs<typename V::T>& a, const O* offsets, int64_t tile, int64_t p_begin,
+                       int64_t o_begin, int64_t o_end) {
   if (a.tw == 1) {  // p_begin: the run
     if (conv_single_vectors(a.out_h, a.out_w, a.padded_w, a.stride_h, V::lanes) == 1)
-      return conv_forward_single<V, 1>(a, p_begin, o_begin, o_end);
-    return conv_forward_single<V, 2>(a, p_begin, o_begin, o_end);
+      return conv_forward_single<V, 1>(a, offsets, p_begin, o_begin, o_end);
+    return conv_forward_single<V, 2>(a, offsets, p_begin, o_begin, o_end);
   }
   switch (a.tw / V::lanes) {
-    case 1: return conv_forward_nv<V, 1, kGroupPixels<1>>(a, tile, p_begin, o_begin, o_end);
-    case 2: return conv_forward_nv<V, 2, kGroupPixels<2>>(a, tile, p_begin, o_begin, o_end);
-    case 3: return conv_forward_nv<V, 3, kGroupPixels<3>>(a, tile, p_begin, o_begin, o_end);
-    case 4: return conv_forward_nv<V, 4, kGroupPixels<4>>(a, tile, p_begin, o_begin, o_end);
+    case 1: return conv_forward_nv<V, 1, kGroupPixels<1>>(a, offsets, tile, p_begin, o_begin, o_end);
+    case 2: return conv_forward_nv<V, 2, kGroupPixels<2>>(a, offsets, tile, p_begin, o_begin, o_end);
+    case 3: return conv_forward_nv<V, 3, kGroupPixels<3>>(a, offsets, tile, p_begin, o_begin, o_end);
+    case 4: return conv_forward_nv<V, 4, kGroupPixels<4>>(a, offsets, tile, p_begin, o_begin, o_end);
     default: return;
   }
+}
+
+// Offsets of 16 bits where the packed input's rows fit them (C * Hp * Wp <= 65536), else 32.
+template <typename V>
+void conv_forward(const ConvArgs<typename V::T>& a, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end) {
+  if (a.off16) return conv_forward_with<V>(a, a.off16, tile, p_begin, o_begin, o_end);
+  return conv_forward_with<V>(a, a.off, tile, p_begin, o_begin, o_end);
 }
 
 // Input gradient of channels [o_begin, o_end) on one batch tile: for PX output pixels at a time

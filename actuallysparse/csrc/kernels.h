@@ -91,6 +91,7 @@ struct ConvArgs {
   const int32_t* block_ptr;  // (out_channels, n_blocks + 1): where each channel block starts in each row
   int64_t n_blocks;          // blocks of input channels (see conv_impl.h)
   const int32_t* pixel_base; // (out_h * out_w,) input row of each output pixel's window: y*sh*Wp + x*sw
+  const uint16_t* off16;     // or null: the offsets as 16 bits, which hold them when C * Hp * Wp <= 65536
 };
 
 template <typename T>
