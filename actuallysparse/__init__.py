@@ -7,7 +7,7 @@ Modules:
     converter   dense <-> COO <-> CSR conversion of layers and models
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
-    fusion      fuse_batchnorm (eval-mode BatchNorm folded into the sparse layer before it) and
+    fusion      fuse_batchnorm (eval-mode BatchNorm folded into the layer before it) and
                 use_native_layers (the library's pooling, batch norm and dropout in place of torch's)
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel

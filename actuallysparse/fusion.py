@@ -1,4 +1,4 @@
-"""The rest of a pruned model: eval-mode BatchNorm folded into the sparse layer before it, for
+"""The rest of a pruned model: eval-mode BatchNorm folded into the layer before it, for
 inference, and the library's pooling, batch norm (with the ReLU after it) and dropout put in
 place of torch's.
 
@@ -7,11 +7,14 @@ gamma + beta``. After a sparse layer it folds into that layer: each output row's
 are scaled by ``gamma / sqrt(var + eps)`` and the bias becomes ``(bias - mean) * scale + beta``.
 The pattern does not change, so the folded model stores exactly as many weights and runs one
 pass fewer over its activations (BatchNorm was about an eighth of a pruned VGG11_bn's inference).
+A dense ``nn.Conv2d`` or ``nn.Linear`` (a pruned model's first convolution is often kept dense)
+folds the same way, its weight scaled per output channel.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.dropout import Dropout
@@ -20,13 +23,16 @@ from actuallysparse.normalization import BatchNorm2d
 from actuallysparse.pooling import MaxPool2x2
 from actuallysparse.storage import SparseModule
 
-# which BatchNorms (torch's class or the library's) may follow which sparse layer
-_PAIRS = ((SparseConv2d, (nn.BatchNorm2d, BatchNorm2d)), (SparseLayer, (nn.BatchNorm1d,)))
+# which BatchNorms (torch's class or the library's) may follow which layer
+_NORMS_2D, _NORMS_1D = (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm1d,)
+_PAIRS = ((SparseConv2d, _NORMS_2D), (SparseLayer, _NORMS_1D), (nn.Conv2d, _NORMS_2D), (nn.Linear, _NORMS_1D))
 
 
 def fuse_batchnorm(model: nn.Module) -> int:
-    """Fold every BatchNorm that directly follows a sparse layer inside an ``nn.Sequential`` into
-    that layer, and put ``nn.Identity`` in its place. In place; exact up to float rounding.
+    """Fold every BatchNorm that directly follows a sparse layer (or a dense ``nn.Conv2d`` or
+    ``nn.Linear`` whose weight is a plain Parameter: not one masked by ``torch.nn.utils.prune`` or
+    parametrized) inside an ``nn.Sequential`` into that layer, and put ``nn.Identity`` in its
+    place. In place; exact up to float rounding.
 
     Only for inference: the folded layer no longer normalises with batch statistics, so
     training it afterwards is not training the same model.
@@ -44,8 +50,8 @@ def fuse_batchnorm(model: nn.Module) -> int:
     Example::
 
         >>> model.eval()
-        >>> fuse_batchnorm(model)       # e.g. 7 for a pruned VGG11_bn
-        7
+        >>> fuse_batchnorm(model)       # 8 for a VGG11_bn: seven sparse convolutions and the dense first
+        8
     """
     pairs = _foldable_pairs(model)
     if model.training or any(norm.training for _, _, _, norm in pairs):
@@ -75,24 +81,33 @@ def _neighbours(model: nn.Module):
     return found
 
 
-def _foldable_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, SparseModule, nn.Module]]:
-    """``(sequential, name of the norm in it, sparse layer, norm)`` for each sparse layer directly
-    followed by its kind of BatchNorm."""
+def _foldable_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, nn.Module, nn.Module]]:
+    """``(sequential, name of the norm in it, layer, norm)`` for each sparse layer, or plain dense
+    one, directly followed by its kind of BatchNorm."""
     return [(parent, name, layer, norm) for parent, name, layer, norm in _neighbours(model)
-            if any(isinstance(layer, layer_type) and type(norm) in norm_types for layer_type, norm_types in _PAIRS)]
+            if any(isinstance(layer, layer_type) and type(norm) in norm_types for layer_type, norm_types in _PAIRS)
+            and (isinstance(layer, SparseModule) or _plain_weight(layer))]
+
+
+def _plain_weight(layer: nn.Module) -> bool:
+    """Whether a dense layer's weight is its own Parameter, so scaling it scales what it computes."""
+    return isinstance(layer._parameters.get("weight"), nn.Parameter) and not parametrize.is_parametrized(layer)
 
 
 @torch.no_grad()
-def _fold(layer: SparseModule, norm: nn.Module) -> None:
-    values = layer.values
-    scale = torch.rsqrt(norm.running_var.to(values.dtype) + norm.eps)
+def _fold(layer: nn.Module, norm: nn.Module) -> None:
+    weights = layer.values if isinstance(layer, SparseModule) else layer.weight
+    scale = torch.rsqrt(norm.running_var.to(weights.dtype) + norm.eps)
     if norm.weight is not None:
-        scale = scale * norm.weight.to(values.dtype)
-    shift = -norm.running_mean.to(values.dtype) * scale
+        scale = scale * norm.weight.to(weights.dtype)
+    shift = -norm.running_mean.to(weights.dtype) * scale
     if norm.bias is not None:
-        shift = shift + norm.bias.to(values.dtype)
-    rows, _ = layer._rows_cols()
-    values.mul_(scale[rows.to(values.device)])
+        shift = shift + norm.bias.to(weights.dtype)
+    if isinstance(layer, SparseModule):
+        rows, _ = layer._rows_cols()
+        weights.mul_(scale[rows.to(weights.device)])
+    else:   # output channels lead the dense weight
+        weights.mul_(scale.view(-1, *[1] * (weights.dim() - 1)))
     if layer.bias is None:
         layer.bias = nn.Parameter(shift.clone())
     else:

@@ -1,8 +1,9 @@
-"""BatchNorm folded into the sparse layer before it gives the same outputs, on every backend."""
+"""BatchNorm folded into the layer before it gives the same outputs, on every backend."""
 import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 from actuallysparse.converter import convert
@@ -53,12 +54,28 @@ def test_training_mode_is_refused_and_nothing_changes():
     assert torch.equal(model[0].values.detach(), before) and isinstance(model[1], nn.BatchNorm2d)
 
 
-def test_only_a_batchnorm_right_after_a_sparse_layer_is_folded():
-    dense_then_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+def test_only_a_batchnorm_right_after_its_layer_is_folded():
     apart = nn.Sequential(convert(nn.Conv2d(3, 4, 3), "csr"), nn.ReLU(), nn.BatchNorm2d(4))
-    for model in (dense_then_norm, apart):
-        assert fuse_batchnorm(model.eval()) == 0
-        assert isinstance(model[-1], nn.BatchNorm2d)
+    assert fuse_batchnorm(apart.eval()) == 0
+    assert isinstance(apart[-1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_dense_layer_folds_its_batchnorm_unless_its_weight_is_masked(bias):
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=bias, dtype=torch.float64),
+                         _with_statistics(nn.BatchNorm2d(4, dtype=torch.float64)), nn.ReLU()).eval()
+    linear = nn.Sequential(nn.Linear(6, 5, bias=bias, dtype=torch.float64),
+                           _with_statistics(nn.BatchNorm1d(5, dtype=torch.float64))).eval()
+    for model, x in ((conv, torch.randn(2, 3, 5, 5, dtype=torch.float64)), (linear, torch.randn(3, 6, dtype=torch.float64))):
+        expected = model(x)
+        assert fuse_batchnorm(model) == 1
+        assert isinstance(model[1], nn.Identity)
+        torch.testing.assert_close(model(x), expected)
+    # a weight recomputed from weight_orig * mask before every call would undo the scaling
+    masked = nn.Sequential(nn.Conv2d(3, 4, 3), _with_statistics(nn.BatchNorm2d(4))).eval()
+    torch.nn.utils.prune.random_unstructured(masked[0], "weight", amount=0.5)
+    assert fuse_batchnorm(masked) == 0
+    assert isinstance(masked[1], nn.BatchNorm2d)
 
 
 def test_a_batchnorm_without_running_statistics_is_refused():
