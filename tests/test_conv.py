@@ -381,6 +381,17 @@ def test_single_image_whose_pixels_fit_one_vector(backend, dtype):
             torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_image_runs_of_every_length(backend, dtype):
+    # One output row of w pixels spans ceil(w / lanes) vectors (lanes 2 to 16): runs of one to
+    # six of them, and more split into several runs; a 3-row output at the padded width too.
+    dense, sparse = _masked_pair(3, 4, 3, 1, 1, 1, True, dtype=dtype)
+    for height, width in [(1, w) for w in range(1, 100, 3)] + [(3, 30), (4, 17)]:
+        x = torch.randn(1, 3, height, width, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
+
+
 def test_a_row_too_wide_for_16_bit_columns_keeps_int32_and_computes_alike(backend):
     # 3641 channels x 3 x 3 = 32769 columns: the last does not fit int16
     dense, sparse = _masked_pair(3641, 2, 3, 1, 1, 1, True, density=0.01)

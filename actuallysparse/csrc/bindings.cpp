@@ -411,8 +411,8 @@ int64_t conv_tile_width(int64_t batch, int lanes, int64_t tile_vectors) {
 }
 
 // pack[t][(c*Hp + h)*Wp + w][j] = x[t*tw + j][c][h - pt][w - pl], zero in the padding and past the batch.
-// A tile width of 1 gets 64 elements of zeros past the end, which the single-image forward's
-// last vectors may read.
+// A tile width of 1 gets kConvSingleSlack elements of zeros past the end, which the single-image
+// forward's last vectors may read.
 template <typename T>
 at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   const int64_t batch = x.size(0);
@@ -421,7 +421,7 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   // Uninitialised, then each plane zeroes only what the copy below does not write (its padding,
   // and lanes past the batch): a zeroed buffer would be written twice (measured: zero-filling was
   // 9-15 % of a pruned VGG11_bn's step).
-  at::Tensor out = at::empty({n_tiles * g.channels * plane * tw + (tw == 1 ? 64 : 0)}, x.options());
+  at::Tensor out = at::empty({n_tiles * g.channels * plane * tw + (tw == 1 ? kConvSingleSlack : 0)}, x.options());
   const T* src = x.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   if (tw == 1) std::fill(dst + n_tiles * g.channels * plane, dst + out.numel(), T(0));
@@ -475,17 +475,18 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
   const at::Tensor block_ptr = single ? at::Tensor() : channel_block_ptr(crow, col, n_rows, g, block_channels);
   const at::Tensor bases = single ? at::Tensor() : pixel_bases(g, crow.options());
   const bool short_offsets = off.scalar_type() == at::kShort;
+  const int vectors = single ? conv_single_vectors(g.out_h, g.out_w, g.padded_w, g.sh, table.lanes) : 0;
   ConvArgs<T> args{crow.data_ptr<int32_t>(), short_offsets ? nullptr : off.data_ptr<int32_t>(), values,
                    packed.data_ptr<T>(),
                    g.channels * g.padded_h * g.padded_w, tw, batch, g.padded_w, g.out_h, g.out_w, g.sh, g.sw,
                    out.data_ptr<T>(), n_rows, bias,
                    single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
                    single ? nullptr : bases.data_ptr<int32_t>(),
-                   short_offsets ? reinterpret_cast<const uint16_t*>(off.data_ptr<int16_t>()) : nullptr};
+                   short_offsets ? reinterpret_cast<const uint16_t*>(off.data_ptr<int16_t>()) : nullptr, vectors};
   constexpr int64_t kChunk = kConvChannelChunk;
   const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
   if (single) {
-    const int64_t runs = conv_single_runs(g.out_h, g.out_w, g.padded_w, g.sh, table.lanes);
+    const int64_t runs = conv_single_runs(g.out_h, g.out_w, g.padded_w, g.sh, vectors, table.lanes);
     at::parallel_for(0, runs * n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t run = item / n_chunks, chunk = item % n_chunks;

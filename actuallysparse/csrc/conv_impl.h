@@ -123,16 +123,20 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, const O* offsets, int64_t
 // A run is R vectors of pixels (see conv_single_vectors and conv_single_runs in kernels.h). With
 // stride 1 down the height, runs tile the output rows laid out at the padded width, so a 4x4
 // output fills 22 lanes instead of 64; the lanes that fall on padding are computed and not
-// stored. Otherwise each output row has its own runs. The packed input has a vector of slack at
-// its end for the last run's reads. Every pixel of a 2x2 output fits one vector (R = 1): the two
-// 512->512 @2x2 layers of VGG11 at B=1, 0.9 took 237 and 250 us with two vectors a run.
+// stored. Otherwise each output row has its own runs. The packed input has kConvSingleSlack
+// elements of slack at its end for the last run's reads. Every pixel of a 2x2 output fits one
+// vector (R = 1): the two 512->512 @2x2 layers of VGG11 at B=1, 0.9 took 237 and 250 us with two
+// vectors a run. Each non-zero's value and offset are loaded once a run, so the fewer runs the
+// fewer loads: up to six vectors a run. Measured in one process (AVX-512 EPYC, B=1, 0.9), VGG11's
+// 8x8 layers (78 lanes: one run of five vectors instead of three of two) took 48 against 56 us
+// (128->256) and 93 against 111 (256->256); the other layers were unchanged.
 template <typename V, int R, typename O>
 void conv_forward_single(const ConvArgs<typename V::T>& a, const O* offsets, int64_t run, int64_t o_begin,
                          int64_t o_end) {
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int L = R * W;      // lanes a run
-  constexpr int S = 8 / R;      // accumulator sets over consecutive non-zeros: eight FMA chains in flight
+  constexpr int S = (8 + R - 1) / R;  // accumulator sets over consecutive non-zeros: 8-12 FMA chains in flight
   const int64_t pixels = a.out_h * a.out_w;
   int64_t start;       // input offset of the run's first lane
   int64_t target[L];   // output pixel of each lane, or -1
@@ -183,9 +187,15 @@ template <typename V, typename O>
 void conv_forward_with(const ConvArgs<typename V::T>& a, const O* offsets, int64_t tile, int64_t p_begin,
                        int64_t o_begin, int64_t o_end) {
   if (a.tw == 1) {  // p_begin: the run
-    if (conv_single_vectors(a.out_h, a.out_w, a.padded_w, a.stride_h, V::lanes) == 1)
-      return conv_forward_single<V, 1>(a, offsets, p_begin, o_begin, o_end);
-    return conv_forward_single<V, 2>(a, offsets, p_begin, o_begin, o_end);
+    switch (a.single_vectors) {
+      case 1: return conv_forward_single<V, 1>(a, offsets, p_begin, o_begin, o_end);
+      case 2: return conv_forward_single<V, 2>(a, offsets, p_begin, o_begin, o_end);
+      case 3: return conv_forward_single<V, 3>(a, offsets, p_begin, o_begin, o_end);
+      case 4: return conv_forward_single<V, 4>(a, offsets, p_begin, o_begin, o_end);
+      case 5: return conv_forward_single<V, 5>(a, offsets, p_begin, o_begin, o_end);
+      case 6: return conv_forward_single<V, 6>(a, offsets, p_begin, o_begin, o_end);
+      default: return;
+    }
   }
   switch (a.tw / V::lanes) {
     case 1: return conv_forward_nv<V, 1, kGroupPixels<1>>(a, offsets, tile, p_begin, o_begin, o_end);

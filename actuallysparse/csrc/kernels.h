@@ -57,18 +57,32 @@ struct BackwardArgs {
 constexpr int kConvChannelChunk = 16;
 constexpr int kConvPixelBlock = 16;
 
-// Vectors of output pixels in a run of the single-image forward (conv_forward_single): one when
-// every pixel fits in one vector (a 2x2 output at a padded width of 4 spans 6 lanes), else two.
-inline int conv_single_vectors(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes) {
-  return (stride_h == 1 ? (out_h - 1) * padded_w + out_w : out_w) <= lanes ? 1 : 2;
+// Vectors of output pixels in a run of the single-image forward (conv_forward_single): the lanes
+// a run covers (the output rows laid at the padded width when the height's stride is 1, else one
+// output row) cut into the fewest runs of at most kConvSingleMaxVectors vectors, evenly. A 2x2
+// output at a padded width of 4 spans 6 lanes (one vector), 8x8 at 10 spans 78 (five of 16).
+constexpr int kConvSingleMaxVectors = 6;
+// Elements of zeros past a single image's packed input, which the last run's lanes may read.
+constexpr int64_t kConvSingleSlack = kConvSingleMaxVectors * 16;
+
+inline int64_t conv_single_span(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h) {
+  return stride_h == 1 ? (out_h - 1) * padded_w + out_w : out_w;
 }
 
-// Runs of conv_single_vectors * lanes output pixels a single-image forward computes: over the
-// output rows laid at the padded width when the height's stride is 1, else row by row.
-inline int64_t conv_single_runs(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes) {
-  const int64_t run = conv_single_vectors(out_h, out_w, padded_w, stride_h, lanes) * lanes;
-  if (stride_h == 1) return ((out_h - 1) * padded_w + out_w + run - 1) / run;
-  return out_h * ((out_w + run - 1) / run);
+inline int conv_single_vectors(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int lanes,
+                               int max_vectors = kConvSingleMaxVectors) {
+  const int64_t vectors = (conv_single_span(out_h, out_w, padded_w, stride_h) + lanes - 1) / lanes;
+  const int64_t runs = (vectors + max_vectors - 1) / max_vectors;
+  return static_cast<int>((vectors + runs - 1) / runs);
+}
+
+// Runs of `vectors` * lanes output pixels a single-image forward computes: over the output rows
+// laid at the padded width when the height's stride is 1, else row by row.
+inline int64_t conv_single_runs(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h, int64_t vectors,
+                                int lanes) {
+  const int64_t run = vectors * lanes;
+  const int64_t span = conv_single_span(out_h, out_w, padded_w, stride_h);
+  return stride_h == 1 ? (span + run - 1) / run : out_h * ((span + run - 1) / run);
 }
 
 // A direct convolution (conv_impl.h): the padded input packed batch-tile-major, one offset
@@ -92,6 +106,7 @@ struct ConvArgs {
   int64_t n_blocks;          // blocks of input channels (see conv_impl.h)
   const int32_t* pixel_base; // (out_h * out_w,) input row of each output pixel's window: y*sh*Wp + x*sw
   const uint16_t* off16;     // or null: the offsets as 16 bits, which hold them when C * Hp * Wp <= 65536
+  int single_vectors;        // tile width 1: vectors a run (conv_single_vectors)
 };
 
 template <typename T>
