@@ -21,7 +21,9 @@ Peers, when installed (``pip install -e ".[peers]"``; SparseProp as its README s
 ``SparseLinear`` (inference and training) and OpenVINO (inference; dense, and with its
 sparse-weight decompression). Each runs its own thread pool, so each is timed in a block of
 its own after the torch variants (interleaving calls across thread pools slows both), and
-compared with the dense time of the same round.
+compared with the dense time of the same round; ``csr ÷ SparseProp`` compares the CSR layer
+timed in a block too (``csr_block``), so both find the caches as a block leaves them
+(:func:`~actuallysparse.timing.time_round`).
 
 Stored bytes come from :func:`actuallysparse.memory.stored_bytes` (every tensor
 the layer holds); ``train_bytes`` is what it holds after a backward and an Adam step
@@ -33,7 +35,6 @@ import argparse
 import copy
 import csv
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,8 @@ from actuallysparse import functional, kernels
 from actuallysparse.converter import convert
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
-from actuallysparse.timing import (inference_call, openvino_builders, ratio_cell, summarise_rounds, time_block,
-                                   time_interleaved, train_call)
+from actuallysparse.timing import (inference_call, openvino_builders, ratio_cell, summarise_rounds, time_round,
+                                   train_call, versus_peer)
 
 VARIANTS = ("dense", "masked", "coo", "csr", "csr_torch")
 PEERS = ("sparseprop", "openvino", "openvino_sparse")
@@ -163,17 +164,11 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> list[dict]:
                     peers["sparseprop"] = lambda layer=sparseprop: make_call(layer, x)
                 if config.peers and mode == "inference":
                     peers.update(openvino_builders(pruned_linear, x, threads))
-                rounds = {name: [] for name in list(calls) + list(peers)}
+                rounds = {}
                 for _ in range(config.rounds):
-                    times = time_interleaved(calls, config.repeats, config.warmup)
+                    times = time_round(calls, peers, "csr", config.repeats, config.warmup)
                     for name, ms in times.items():
-                        rounds[name].append((ms, times["dense"]))
-                    for name, build in peers.items():
-                        call = build()
-                        time.sleep(0.2)  # let the other thread pool's workers go idle
-                        rounds[name].append((time_block(call, config.repeats, config.warmup), times["dense"]))
-                        del call
-                        time.sleep(0.2)
+                        rounds.setdefault(name, []).append((ms, times["dense"]))
                 record = summarise_rounds(rounds, {"shape": f"{out_features}x{in_features}", "sparsity": sparsity,
                                                    "mode": mode, "batch": batch, "threads": threads,
                                                    "backend": backend})
@@ -254,7 +249,7 @@ def check_targets(records: list[dict]) -> list[str]:
                 line = (f"4096x4096 {mode:13s} s={sparsity:.2f} B={batch:<3d} target >= {minimum:.1f}x: "
                         f"coo {coo:.2f}x, csr {csr:.2f}x -> {verdict}")
                 if r.get("sparseprop_ms"):
-                    versus = float(r["sparseprop_ms"]) / float(r["csr_ms"])
+                    versus = versus_peer(r, "sparseprop", "csr")
                     line += (f"; csr ÷ SparseProp {versus:.2f}x "
                              f"({'met' if versus >= PEER_TARGET else 'NOT met'} >= {PEER_TARGET}x)")
                 lines.append(line)

@@ -21,14 +21,14 @@ medians over ``--rounds`` with the lowest and highest round beside them:
 ``W`` at 0.9, batch 1 and 64, and names the slowest layer against dense.
 
 Peers run their own thread pools, so each is timed in a block of its own after the torch
-variants, as in :mod:`actuallysparse.bench`.
+variants, as in :mod:`actuallysparse.bench`, and compared with ours timed in a block beside it
+(``csr`` for the layers, ``csr+native`` for the model: ``*_block`` in the CSV).
 """
 from __future__ import annotations
 
 import copy
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -40,7 +40,7 @@ from actuallysparse.fusion import fuse_batchnorm, use_native_layers
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
 from actuallysparse.timing import (inference_call, openvino_builders, optimizer_step_call, ratio_cell,
-                                   summarise_rounds, time_block, time_interleaved, train_call)
+                                   summarise_rounds, time_round, train_call, versus_peer)
 
 # VGG11's CIFAR convolutions after the first: (in_channels, out_channels, height = width).
 VGG11_CIFAR_CONVS = ((64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2))
@@ -102,16 +102,15 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
         x = torch.randn(batch, c_in, size, size, requires_grad=(mode == "train"))
         make = inference_call if mode == "inference" else train_call
         calls = {"dense": make(dense, x), "masked": make(masked, x), "csr": make(sparse, x)}
-        timings = {name: [] for name in list(calls) + (["sparseprop"] if peer is not None else [])}
+        peers = {}
+        if peer is not None:
+            peer.train(mode == "train")
+            peers["sparseprop"] = lambda: make(peer, x)
+        timings = {}
         for _ in range(rounds):
-            times = time_interleaved(calls, repeats, warmup)
+            times = time_round(calls, peers, "csr", repeats, warmup)
             for name, ms in times.items():
-                timings[name].append((ms, times["dense"]))
-            if peer is not None:
-                peer.train(mode == "train")
-                time.sleep(0.2)
-                timings["sparseprop"].append((time_block(make(peer, x), repeats, warmup), times["dense"]))
-                time.sleep(0.2)
+                timings.setdefault(name, []).append((ms, times["dense"]))
         records.append(summarise_rounds(timings, {
             "layer": f"{c_in}->{c_out} @{size}x{size}", "sparsity": sparsity, "mode": mode, "batch": batch,
             "threads": torch.get_num_threads(),
@@ -192,17 +191,11 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int = 5, war
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
                 calls[name] = optimizer_step_call(model, optimizer, x, y)
             builders = {}
-        timings = {name: [] for name in list(calls) + list(builders)}
+        timings = {}
         for _ in range(rounds):
-            times = time_interleaved(calls, repeats, warmup)
+            times = time_round(calls, builders, "csr+native", repeats, warmup)
             for name, ms in times.items():
-                timings[name].append((ms, times["dense"]))
-            for name, build in builders.items():
-                call = build()
-                time.sleep(0.2)
-                timings[name].append((time_block(call, repeats, warmup), times["dense"]))
-                del call
-                time.sleep(0.2)
+                timings.setdefault(name, []).append((ms, times["dense"]))
         record = {"layer": "VGG11_bn (CIFAR head)", "sparsity": sparsity, "mode": mode, "batch": batch,
                   "threads": torch.get_num_threads()}
         record.update({f"{name}_train_bytes": value for name, value in held.items()})
@@ -228,11 +221,13 @@ def format_conv_tables(layers: list[dict], model: list[dict]) -> str:
         line = (f"| {r['layer']} | {r['sparsity']:.2f} | {r['mode']} | {r['batch']} | {r['dense_ms']:.2f} "
                 f"| {ratio_cell(r, 'masked')} | {ratio_cell(r, 'csr')} ")
         if peer:
-            versus = f"{r['sparseprop_ms'] / r['csr_ms']:.2f}" if "sparseprop_ms" in r else "–"
+            versus = f"{versus_peer(r, 'sparseprop', 'csr'):.2f}" if "sparseprop_ms" in r else "–"
             line += f"| {ratio_cell(r, 'sparseprop')} | {versus} "
         lines.append(line + f"| {r['csr_gflops']:.0f} |")
     if model:
-        ov = [name for name in ("openvino", "openvino_sparse") if any(f"{name}_speedup" in r for r in model)]
+        # blocks: ours timed back to back beside OpenVINO (see time_round), then OpenVINO's two modes
+        ov = [name for name in ("csr+native_block", "openvino", "openvino_sparse")
+              if any(f"{name}_speedup" in r for r in model)]
         native = any("csr+native_speedup" in r for r in model)
         head = ("\n| model | sparsity | mode | batch | dense ms | masked × | csr × "
                 + ("| csr+native × " if native else "") + "".join(f"| {name} × " for name in ov)
@@ -271,7 +266,7 @@ def check_conv_targets(layers: list[dict], model: list[dict]) -> list[str]:
         worst = min(chosen, key=lambda r: r["csr_speedup"])
         line = (f"convs >= 128 channels, s={sparsity:.2f} {mode:9s} target >= {minimum:.1f}x: lowest "
                 f"{worst['csr_speedup']:.2f}x ({worst['layer']}) -> {'met' if worst['csr_speedup'] >= minimum else 'NOT met'}")
-        versus = [r["sparseprop_ms"] / r["csr_ms"] for r in chosen if "sparseprop_ms" in r]
+        versus = [versus_peer(r, "sparseprop", "csr") for r in chosen if "sparseprop_ms" in r]
         if versus:
             line += (f"; csr ÷ SparseProp lowest {min(versus):.2f}x "
                      f"({'met' if min(versus) >= PEER_CONV_TARGET else 'NOT met'} >= {PEER_CONV_TARGET}x)")
@@ -295,8 +290,8 @@ def check_conv_targets(layers: list[dict], model: list[dict]) -> list[str]:
             line += (f"; bytes held training with Adam {share:.3f} of dense "
                      f"({'met' if share <= MODEL_BYTES_TARGET else 'NOT met'} <= {MODEL_BYTES_TARGET})")
         if "openvino_ms" in r:
-            best = min(r["openvino_ms"], r.get("openvino_sparse_ms", r["openvino_ms"]))
-            versus = best / r[f"{ours}_ms"]
+            faster = min(("openvino", "openvino_sparse"), key=lambda name: r.get(f"{name}_ms", float("inf")))
+            versus = versus_peer(r, faster, "csr+native" if "csr+native_ms" in r else ours)
             line += (f"; {versus:.2f}x OpenVINO's faster mode "
                      f"({'met' if versus >= MODEL_OPENVINO_TARGET else 'NOT met'} >= {MODEL_OPENVINO_TARGET:.0f}x)")
         lines.append(line)

@@ -105,6 +105,42 @@ def time_block(call, repeats: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
+# Seconds a block waits before it starts and after it ends, for the other thread pool's workers to go idle.
+PEER_PAUSE_S = 0.2
+
+
+def time_round(calls: dict[str, callable], peers: dict[str, callable], ours: str, repeats: int,
+               warmup: int) -> dict[str, float]:
+    """One round of a benchmark: median milliseconds of the torch variants ``calls`` interleaved
+    (:func:`time_interleaved`), then, where there are ``peers``, of ``calls[ours]`` timed in a
+    block as ``<ours>_block`` and of each peer (``peers``: name -> function building its call)
+    built and timed in a block of its own.
+
+    A peer runs its own thread pool, and interleaving calls across thread pools slows both, so
+    a peer is timed back to back. Back to back, a call finds its weights in the caches that an
+    interleaved call finds evicted by its predecessor (at batch 1 a pruned VGG11_bn ran about a
+    third faster so), so ours is compared with a peer block against block, never block against
+    interleaved.
+    """
+    times = time_interleaved(calls, repeats, warmup)
+    if not peers:
+        return times
+    blocks = {f"{ours}_block": lambda: calls[ours], **peers}
+    for name, build in blocks.items():
+        call = build()
+        time.sleep(PEER_PAUSE_S)
+        times[name] = time_block(call, repeats, warmup)
+        del call
+        time.sleep(PEER_PAUSE_S)
+    return times
+
+
+def versus_peer(record: dict, peer: str, ours: str) -> float:
+    """How many times faster ``ours`` ran than ``peer`` in ``record``: block against block where
+    ours was also timed in a block (:func:`time_round`)."""
+    return record[f"{peer}_ms"] / record.get(f"{ours}_block_ms", record[f"{ours}_ms"])
+
+
 def ratio_cell(record: dict, name: str) -> str:
     """``median (lowest–highest)`` of ``<name>_speedup`` in ``record``, or ``–`` when absent."""
     if f"{name}_speedup" not in record or record[f"{name}_speedup"] in ("", None):

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from actuallysparse import bench
+from actuallysparse import bench, timing
 from actuallysparse.timing import time_interleaved
 
 
@@ -86,8 +86,36 @@ def test_conv_targets_are_checked_from_records():
     line = bench_conv.check_conv_targets([], model)[1]
     assert "B=1: csr 1.50x dense, with the library's pooling, batch norm and dropout 3.00x (target >= 4.0x: NOT met)" in line
     assert "; 1.50x OpenVINO's faster mode (NOT met >= 2x)" in line
+    model[1].update({"csr+native_block_ms": 0.5, "openvino_sparse_ms": 1.2})   # block against block
+    assert "; 2.40x OpenVINO's faster mode (met >= 2x)" in bench_conv.check_conv_targets([], model)[1]
     table = bench_conv.format_conv_tables([], model)
     assert "| csr × | csr+native × |" in table and "| 3.00 " in table
+
+
+def test_a_round_times_ours_in_a_block_beside_the_peers(monkeypatch):
+    monkeypatch.setattr(timing, "PEER_PAUSE_S", 0)
+    sequence, built = [], []
+    calls = {name: (lambda name=name: sequence.append(name)) for name in ("dense", "csr")}
+
+    def build_peer():
+        built.append("peer")
+        return lambda: sequence.append("peer")
+
+    times = timing.time_round(calls, {"peer": build_peer}, "csr", repeats=3, warmup=1)
+    assert set(times) == {"dense", "csr", "csr_block", "peer"} and built == ["peer"]
+    # after the interleaved calls: ours back to back (warm-up and repeats), then the peer
+    assert sequence[-8:] == ["csr"] * 4 + ["peer"] * 4
+    assert set(timing.time_round(calls, {}, "csr", repeats=2, warmup=0)) == {"dense", "csr"}
+
+
+def test_a_peer_is_compared_with_ours_block_against_block():
+    record = {"sparseprop_ms": 3.0, "csr_ms": 2.0}
+    assert timing.versus_peer(record, "sparseprop", "csr") == 1.5    # no block of ours: the interleaved time
+    record["csr_block_ms"] = 1.0
+    assert timing.versus_peer(record, "sparseprop", "csr") == 3.0
+    assert "csr ÷ SparseProp 3.00x" in bench.check_targets([{**record, "shape": "4096x4096", "mode": "train",
+                                                             "batch": 128, "sparsity": 0.9, "coo_speedup": 5.0,
+                                                             "csr_speedup": 5.0}])[0]
 
 
 def test_interleaved_timing_varies_each_calls_predecessor():
