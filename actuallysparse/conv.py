@@ -58,10 +58,16 @@ class SparseConv2d(SparseModule):
     non-zero reads its input for the last input size (2 bytes a non-zero, counted by
     :func:`~actuallysparse.memory.stored_bytes` as a cache), so repeated calls skip that pass;
     ``train()`` drops it.
+
+    Attributes:
+        fused_relu: return ``relu(conv2d(x, W) + b)``, written so by the forward where no graph
+            is recorded (one pass fewer over the output). :func:`~actuallysparse.fusion.fuse_batchnorm`
+            sets it where it folds a norm that computed the ReLU after it; ``False`` by default.
     """
 
     _INFERENCE_CACHES = ("_offsets",)
     _offsets: InputOffsets | None = None
+    fused_relu = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", csr_mode=False, train_mode=True, k=0.05, *, device=None,
@@ -178,7 +184,8 @@ class SparseConv2d(SparseModule):
             text += f", dilation={self.dilation}"
         if self.bias is None:
             text += ", bias=False"
-        return text + f", csr_mode={self.csr_mode}, k={self.k}"
+        text += f", csr_mode={self.csr_mode}, k={self.k}"
+        return text + (", fused_relu=True" if self.fused_relu else "")
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -201,5 +208,6 @@ class SparseConv2d(SparseModule):
         # the input gradient's pattern, built once per pattern, only where a backward will read it
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
         offsets = None if self.training else self._input_offsets
-        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed, offsets)
+        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed, offsets,
+                            relu=self.fused_relu)
         return out.squeeze(0) if input.dim() == 3 else out

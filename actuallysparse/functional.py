@@ -228,11 +228,13 @@ def _conv_padded(x: Tensor, geometry: tuple[int, ...]) -> Tensor:
 
 
 def torch_conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
-                       out_channels: int, geometry: tuple[int, ...]) -> Tensor:
-    """``conv2d(x, W) + bias`` through torch's dense convolution on the scattered weight."""
+                       out_channels: int, geometry: tuple[int, ...], relu: bool = False) -> Tensor:
+    """``conv2d(x, W) + bias`` (then ``relu``, if asked) through torch's dense convolution on the
+    scattered weight."""
     weight = _conv_dense_weight(values, crow, col, out_channels, x.shape[1], geometry)
-    return F.conv2d(_conv_padded(x, geometry), weight, bias, stride=tuple(geometry[2:4]),
-                    dilation=tuple(geometry[4:6]))
+    out = F.conv2d(_conv_padded(x, geometry), weight, bias, stride=tuple(geometry[2:4]),
+                   dilation=tuple(geometry[4:6]))
+    return out.relu_() if relu else out
 
 
 def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor,
@@ -827,7 +829,8 @@ conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_contex
 def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
                   geometry: tuple[int, ...],
                   transposed: TransposedPattern | Callable[[], TransposedPattern] | None = None,
-                  offsets: Callable[[Callable[..., Tensor], int, int], Tensor] | None = None) -> Tensor:
+                  offsets: Callable[[Callable[..., Tensor], int, int], Tensor] | None = None,
+                  relu: bool = False) -> Tensor:
     """Apply a sparse 2-D convolution to a 4-D input ``(batch, in_channels, height, width)``.
 
     Args:
@@ -847,23 +850,28 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
             geometry)`` (:func:`~actuallysparse.kernels.conv_offsets`). Called in eager mode
             without a graph, and only for a backend that reads offsets; spares each call the pass
             that computes them.
+        relu: return ``relu(conv2d(x, W) + bias)``; without a graph the forward writes it so
+            (no second pass over the output), otherwise a ReLU follows the product.
 
     Returns:
-        ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight.
+        ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight
+        (followed by ``F.relu`` with ``relu``).
     """
     if _computes_in_float32(x):
         out = sparse_conv2d(x.float(), values.float(), None if bias is None else bias.float(), crow, col,
-                            out_channels, geometry, transposed)
+                            out_channels, geometry, transposed, relu=relu)
         return out.to(x.dtype)
     if _traced(x):
-        return torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
+        out = torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
+        return F.relu(out) if relu else out
     backend = backend_for(x, crow)
     if not _needs_autograd(x, values, bias):
+        cached = {}
         if offsets is not None and backend.conv_offsets is not None:
-            return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry,
-                                        offsets(backend.conv_offsets, x.shape[2], x.shape[3]))
-        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry)
+            cached["offsets"] = offsets(backend.conv_offsets, x.shape[2], x.shape[3])
+        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry, relu=relu, **cached)
     if callable(transposed):
         transposed = transposed() if backend.conv_uses_transposed else None
-    return SparseProduct.apply(x, values, bias,
-                               ConvProducts(backend, crow, col, out_channels, tuple(geometry), transposed))
+    out = SparseProduct.apply(x, values, bias, ConvProducts(backend, crow, col, out_channels, tuple(geometry),
+                                                            transposed))
+    return F.relu(out) if relu else out

@@ -63,9 +63,13 @@ def fuse_batchnorm(model: nn.Module) -> int:
                              f"with each batch's own and cannot be folded")
     for parent, name, layer, norm in pairs:
         _fold(layer, norm)
-        # A norm that computed its relu (use_native_layers) leaves the relu in its place, in place on
-        # the layer's own output as the relu it took over was in a VGG (a copy costs a pass).
-        parent._modules[name] = nn.ReLU(inplace=True) if getattr(norm, "fused_relu", False) else nn.Identity()
+        # A norm that computed its relu (use_native_layers) hands it to a sparse convolution, which
+        # writes it with its output; before a dense layer an in-place relu takes its place, on the
+        # layer's own output as the relu it took over was in a VGG (a copy costs a pass).
+        relu = getattr(norm, "fused_relu", False)
+        if relu and isinstance(layer, SparseConv2d):
+            layer.fused_relu = True
+        parent._modules[name] = nn.ReLU(inplace=True) if relu and not isinstance(layer, SparseConv2d) else nn.Identity()
     return len(pairs)
 
 

@@ -157,6 +157,30 @@ def test_given_offsets_compute_what_the_call_would_and_bad_ones_are_named(backen
         kernels.conv_forward(x, values, bias, crow, col, 6, geometry, offsets.to(torch.int16))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fused_relu_is_written_with_the_output_and_follows_the_product_under_a_graph(backend, batch):
+    dense, sparse = _masked_pair(4, 6, 3, 1, 1, 1, True)
+    sparse.fused_relu = True
+    assert repr(sparse).endswith("k=0.05, fused_relu=True)")
+    x = torch.randn(batch, 4, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for bias in (sparse.bias, dense.bias):   # relu keeps a NaN, as torch's does
+            bias[1] = float("nan")
+        torch.testing.assert_close(sparse.eval()(x), F.relu(dense(x)), equal_nan=True, **_tolerance(torch.float64))
+        for bias in (sparse.bias, dense.bias):
+            bias[1] = 0.5
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = sparse.train()(x_ours), F.relu(dense(x_ref))
+    torch.testing.assert_close(out, expected, **_tolerance(torch.float64))
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, **_tolerance(torch.float64))
+    # other sparse formats keep it; an nn.Conv2d cannot hold it
+    assert convert(sparse, "coo").fused_relu
+    with pytest.raises(ValueError, match="computes the ReLU after it"):
+        convert(sparse, "dense")
+
+
 def test_no_non_zeros_leaves_the_bias(backend):
     conv = convert(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), "coo")
     conv.keep_entries(torch.zeros(conv.nnz, dtype=torch.bool))

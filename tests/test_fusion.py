@@ -7,7 +7,7 @@ import torch.nn.utils.prune
 from torch import nn
 
 from actuallysparse.converter import convert
-from actuallysparse.fusion import fuse_batchnorm
+from actuallysparse.fusion import fuse_batchnorm, use_native_layers
 
 
 def _with_statistics(norm):
@@ -66,11 +66,20 @@ def test_a_dense_layer_folds_its_batchnorm_unless_its_weight_is_masked(bias):
                          _with_statistics(nn.BatchNorm2d(4, dtype=torch.float64)), nn.ReLU()).eval()
     linear = nn.Sequential(nn.Linear(6, 5, bias=bias, dtype=torch.float64),
                            _with_statistics(nn.BatchNorm1d(5, dtype=torch.float64))).eval()
-    for model, x in ((conv, torch.randn(2, 3, 5, 5, dtype=torch.float64)), (linear, torch.randn(3, 6, dtype=torch.float64))):
+    for model, x in ((conv, torch.randn(2, 3, 5, 5, dtype=torch.float64)),
+                     (linear, torch.randn(3, 6, dtype=torch.float64))):
         expected = model(x)
         assert fuse_batchnorm(model) == 1
         assert isinstance(model[1], nn.Identity)
         torch.testing.assert_close(model(x), expected)
+    # a dense convolution has no relu of its own: a norm that computed one leaves it in its place
+    native = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=bias, dtype=torch.float64),
+                           _with_statistics(nn.BatchNorm2d(4, dtype=torch.float64)), nn.ReLU())
+    use_native_layers(native)
+    native.eval()
+    expected = native(x := torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    assert fuse_batchnorm(native) == 1 and type(native[1]) is nn.ReLU
+    torch.testing.assert_close(native(x), expected)
     # a weight recomputed from weight_orig * mask before every call would undo the scaling
     masked = nn.Sequential(nn.Conv2d(3, 4, 3), _with_statistics(nn.BatchNorm2d(4))).eval()
     torch.nn.utils.prune.random_unstructured(masked[0], "weight", amount=0.5)
@@ -116,7 +125,8 @@ def test_native_layers_take_torch_s_pooling_and_norms_and_compute_the_same(backe
     model.eval()
     reference.eval()
     assert fuse_batchnorm(model) == 2                     # the library's norm folds like torch's
-    assert type(model[1]) is nn.ReLU                      # and leaves the relu it computed in its place
+    # and hands the relu it computed to the convolution, which writes it with its output
+    assert type(model[1]) is nn.Identity and model[0].fused_relu and "fused_relu=True" in repr(model[0])
     torch.testing.assert_close(model[:7](x), reference[:7](x))
 
 

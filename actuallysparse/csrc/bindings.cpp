@@ -462,7 +462,7 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
 template <typename T>
 void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int64_t tw, int64_t batch,
                       const ConvGeometry& g, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& off,
-                      const T* values, const T* bias, int64_t n_rows, at::Tensor& out) {
+                      const T* values, const T* bias, int64_t n_rows, at::Tensor& out, bool relu = false) {
   const bool single = tw == 1;
   // the input rows one block of kConvPixelBlock output pixels reads, per channel
   const int64_t out_rows = std::min<int64_t>(g.out_h, (kConvPixelBlock + g.out_w - 1) / g.out_w);
@@ -482,7 +482,8 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
                    out.data_ptr<T>(), n_rows, bias,
                    single ? nullptr : block_ptr.data_ptr<int32_t>(), single ? 0 : block_ptr.size(1) - 1,
                    single ? nullptr : bases.data_ptr<int32_t>(),
-                   short_offsets ? reinterpret_cast<const uint16_t*>(off.data_ptr<int16_t>()) : nullptr, vectors};
+                   short_offsets ? reinterpret_cast<const uint16_t*>(off.data_ptr<int16_t>()) : nullptr, vectors,
+                   relu};
   constexpr int64_t kChunk = kConvChannelChunk;
   const int64_t n_chunks = (n_rows + kChunk - 1) / kChunk;
   if (single) {
@@ -510,7 +511,8 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
-                  const std::string& isa, int64_t tile_vectors, const c10::optional<at::Tensor>& offsets) {
+                  const std::string& isa, int64_t tile_vectors, const c10::optional<at::Tensor>& offsets,
+                  bool relu) {
   check_isa(isa);
   check_pattern(crow, col, n_rows);
   check_operands(x, values, col);
@@ -534,7 +536,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     const int64_t tw = single ? 1 : conv_tile_width(batch, table.lanes, tile_vectors);
     const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
     run_conv_forward<scalar_t>(table, packed, tw, batch, g, crow, col, off, vals.data_ptr<scalar_t>(),
-                               b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out);
+                               b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out, relu);
   });
   return out;
 }
@@ -700,7 +702,7 @@ TORCH_LIBRARY(actuallysparse_kernels, m) {
   m.def("backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, bool need_input, "
         "bool need_values, str isa) -> (Tensor, Tensor)");
   m.def("conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, int n_rows, int[] geometry, "
-        "str isa, int tile_vectors=0, Tensor? offsets=None) -> Tensor");
+        "str isa, int tile_vectors=0, Tensor? offsets=None, bool relu=False) -> Tensor");
   m.def("conv_offsets(Tensor col, int channels, int height, int width, int[] geometry) -> Tensor");
   m.def("conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow, Tensor col, int[] geometry, "
         "bool need_input, bool need_values, str isa, int tile_vectors=0, Tensor? t_crow=None, Tensor? t_col=None, "

@@ -49,6 +49,10 @@
 namespace actuallysparse {
 namespace impl {
 
+// An output as written: max(v, 0) with the ReLU fused (NaN stays NaN, as in torch.relu).
+template <typename T>
+inline T output(T v, bool relu) { return relu && v < T(0) ? T(0) : v; }
+
 // Forward of output pixels [p_begin, p_begin + 16) (flattened over rows, so small images fill
 // whole groups too), channels [o_begin, o_end) (at most kConvChannelChunk), one batch tile.
 // Partial sums for every channel of the chunk sit in `buf`; the input channels are walked in
@@ -113,7 +117,7 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, const O* offsets, int64_t
     const T bias = a.bias ? a.bias[o] : T(0);
     for (int64_t b = 0; b < nb; ++b) {
       T* dst = a.out + ((b0 + b) * a.n_rows + o) * pixels;
-      for (int64_t p = p_begin; p < p_end; ++p) dst[p] = buf[o - o_begin][p - p_begin][b] + bias;
+      for (int64_t p = p_begin; p < p_end; ++p) dst[p] = output(buf[o - o_begin][p - p_begin][b] + bias, a.relu);
     }
   }
 }
@@ -179,7 +183,7 @@ void conv_forward_single(const ConvArgs<typename V::T>& a, const O* offsets, int
     }
     T* dst = a.out + o * pixels;
     for (int i = 0; i < L; ++i)
-      if (target[i] >= 0) dst[target[i]] = lanes[i];
+      if (target[i] >= 0) dst[target[i]] = output(lanes[i], a.relu);
   }
 }
 

@@ -107,6 +107,7 @@ struct ConvArgs {
   const int32_t* pixel_base; // (out_h * out_w,) input row of each output pixel's window: y*sh*Wp + x*sw
   const uint16_t* off16;     // or null: the offsets as 16 bits, which hold them when C * Hp * Wp <= 65536
   int single_vectors;        // tile width 1: vectors a run (conv_single_vectors)
+  bool relu;                 // write max(output, 0)
 };
 
 template <typename T>
