@@ -709,6 +709,10 @@ def _needs_autograd(x: Tensor, values: Tensor, bias: Tensor | None) -> bool:
     tensors = (x, values) if bias is None else (x, values, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
+    # Tangents live only inside a dual level; outside one, the three lookups (a fifth of a small
+    # layer's call) are skipped. Without torch's level counter every call looks them up.
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 

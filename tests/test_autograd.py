@@ -87,6 +87,20 @@ def test_dual_numbers_carry_the_tangent(backend, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_tangent_alone_is_carried_without_a_graph(backend, kind):
+    # frozen weights, no graph recorded: only the input's tangent asks for the differentiable path
+    dense, sparse, x = _pruned_pair(kind)
+    dense.requires_grad_(False)
+    sparse.requires_grad_(False)
+    tangent = torch.randn_like(x)
+    with torch.no_grad(), fwAD.dual_level():
+        sparse_out = fwAD.unpack_dual(sparse(fwAD.make_dual(x, tangent))).tangent
+        dense_out = fwAD.unpack_dual(dense(fwAD.make_dual(x, tangent))).tangent
+    assert sparse_out is not None
+    torch.testing.assert_close(sparse_out, dense_out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_torch_func_transforms_equal_masked_dense(backend, kind):
     dense, sparse, x = _pruned_pair(kind)
     sparse_params = {"values": sparse.values.detach(), "bias": sparse.bias.detach()}
