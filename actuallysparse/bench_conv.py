@@ -100,6 +100,8 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
         pruned = convert(sparse, "dense")
         peer = _sparseprop_conv(pruned) if peers else None
         x = torch.randn(batch, c_in, size, size, requires_grad=(mode == "train"))
+        for layer in (dense, sparse, masked):   # inference in evaluation mode, as bench.py's layers
+            layer.train(mode == "train")
         make = inference_call if mode == "inference" else train_call
         calls = {"dense": make(dense, x), "masked": make(masked, x), "csr": make(sparse, x)}
         peers = {}
