@@ -67,9 +67,10 @@ def fuse_batchnorm(model: nn.Module) -> int:
         # writes it with its output; before a dense layer an in-place relu takes its place, on the
         # layer's own output as the relu it took over was in a VGG (a copy costs a pass).
         relu = getattr(norm, "fused_relu", False)
-        if relu and isinstance(layer, SparseConv2d):
+        handed = relu and isinstance(layer, SparseConv2d)
+        if handed:
             layer.fused_relu = True
-        parent._modules[name] = nn.ReLU(inplace=True) if relu and not isinstance(layer, SparseConv2d) else nn.Identity()
+        parent._modules[name] = nn.ReLU(inplace=True) if relu and not handed else nn.Identity()
     return len(pairs)
 
 

@@ -62,7 +62,8 @@ constexpr int kConvPixelBlock = 16;
 // output row) cut into the fewest runs of at most kConvSingleMaxVectors vectors, evenly. A 2x2
 // output at a padded width of 4 spans 6 lanes (one vector), 8x8 at 10 spans 78 (five of 16).
 constexpr int kConvSingleMaxVectors = 6;
-// Elements of zeros past a single image's packed input, which the last run's lanes may read.
+// Elements of zeros past a single image's packed input, which the last run's lanes may read: a
+// run's lanes at the widest vector (16 floats, AVX-512).
 constexpr int64_t kConvSingleSlack = kConvSingleMaxVectors * 16;
 
 inline int64_t conv_single_span(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t stride_h) {
