@@ -7,8 +7,9 @@ Modules:
     converter   dense <-> COO <-> CSR conversion of layers and models
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
-    fusion      fuse_batchnorm (eval-mode BatchNorm folded into the layer before it) and
-                use_native_layers (the library's pooling, batch norm and dropout in place of torch's)
+    fusion      fuse_batchnorm (eval-mode BatchNorm folded into the layer before it), fuse_pooling
+                (max-pooling handed to the sparse convolution before it) and use_native_layers (the
+                library's pooling, batch norm and dropout in place of torch's)
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
     dropout     Dropout: nn.Dropout with its mask drawn by one rand_like
@@ -21,7 +22,7 @@ Modules:
 """
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
-from actuallysparse.fusion import fuse_batchnorm, use_native_layers
+from actuallysparse.fusion import fuse_batchnorm, fuse_pooling, use_native_layers
 from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
 from actuallysparse.memory import MemoryReport, stored_bytes
 from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
@@ -34,6 +35,7 @@ __all__ = [
     "convert",
     "convert_model",
     "fuse_batchnorm",
+    "fuse_pooling",
     "use_native_layers",
     "prune_sparse_model",
     "set_global_k",

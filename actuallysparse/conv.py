@@ -63,11 +63,16 @@ class SparseConv2d(SparseModule):
         fused_relu: return ``relu(conv2d(x, W) + b)``, written so by the forward where no graph
             is recorded (one pass fewer over the output). :func:`~actuallysparse.fusion.fuse_batchnorm`
             sets it where it folds a norm that computed the ReLU after it; ``False`` by default.
+        fused_pool: return the 2x2, stride-2 max-pool of that output (``F.max_pool2d(out, 2)``,
+            half the height and width), pooled by the native forward as it writes where no graph
+            is recorded and the batch fills its vectors (the full-size output is never stored).
+            :func:`~actuallysparse.fusion.fuse_pooling` sets it; ``False`` by default.
     """
 
     _INFERENCE_CACHES = ("_offsets",)
     _offsets: InputOffsets | None = None
     fused_relu = False
+    fused_pool = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", csr_mode=False, train_mode=True, k=0.05, *, device=None,
@@ -185,7 +190,7 @@ class SparseConv2d(SparseModule):
         if self.bias is None:
             text += ", bias=False"
         text += f", csr_mode={self.csr_mode}, k={self.k}"
-        return text + (", fused_relu=True" if self.fused_relu else "")
+        return text + (", fused_relu=True" if self.fused_relu else "") + (", fused_pool=True" if self.fused_pool else "")
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -204,10 +209,14 @@ class SparseConv2d(SparseModule):
             if size + pad < span:
                 raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated kernel's "
                                  f"{span} (input shape {tuple(input.shape)})")
+        if self.fused_pool and min(self.output_size(x.shape[2], x.shape[3])) < 2:
+            raise ValueError(f"this layer pools 2x2 windows of its output (fused_pool), which is "
+                             f"{'x'.join(map(str, self.output_size(x.shape[2], x.shape[3])))} for input shape "
+                             f"{tuple(input.shape)}; it needs at least 2x2")
         crow, col = self._pattern()
         # the input gradient's pattern, built once per pattern, only where a backward will read it
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
         offsets = None if self.training else self._input_offsets
         out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed, offsets,
-                            relu=self.fused_relu)
+                            relu=self.fused_relu, pool=self.fused_pool)
         return out.squeeze(0) if input.dim() == 3 else out

@@ -138,17 +138,23 @@ def with_entries(layer: nn.Module, target: str, rows: Tensor, cols: Tensor, valu
     pattern it chose.
     """
     target = _check_target(target)
-    relu = getattr(layer, "fused_relu", False)
+    relu, pool = getattr(layer, "fused_relu", False), getattr(layer, "fused_pool", False)
     if relu and target == "dense":
         raise ValueError(f"{layer} computes the ReLU after it (fused_relu, set by fuse_batchnorm), which an "
                          f"nn.Conv2d cannot; convert the model before fuse_batchnorm, or add an nn.ReLU after the "
                          f"dense layer yourself")
+    if pool and target == "dense":
+        raise ValueError(f"{layer} pools its output (fused_pool, set by fuse_pooling), which an nn.Conv2d cannot; "
+                         f"convert the model before fuse_pooling, or add an nn.MaxPool2d(2) after the dense layer "
+                         f"yourself")
     bias = layer.bias.detach() if layer.bias is not None else None
     build = _conv if isinstance(layer, (nn.Conv2d, SparseConv2d)) else _linear
     k = layer.k if isinstance(layer, SparseModule) else 0.05  # the sparse layers' default
     converted = build(layer, target, rows, cols, values, bias, k)
     if relu:
         converted.fused_relu = True
+    if pool:
+        converted.fused_pool = True
     converted.train(layer.training)
     return converted
 

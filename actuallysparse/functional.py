@@ -228,13 +228,14 @@ def _conv_padded(x: Tensor, geometry: tuple[int, ...]) -> Tensor:
 
 
 def torch_conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
-                       out_channels: int, geometry: tuple[int, ...], relu: bool = False) -> Tensor:
-    """``conv2d(x, W) + bias`` (then ``relu``, if asked) through torch's dense convolution on the
-    scattered weight."""
+                       out_channels: int, geometry: tuple[int, ...], relu: bool = False, pool: bool = False) -> Tensor:
+    """``conv2d(x, W) + bias`` (then ``relu`` and a 2x2 max-pool, if asked) through torch's dense
+    convolution on the scattered weight."""
     weight = _conv_dense_weight(values, crow, col, out_channels, x.shape[1], geometry)
     out = F.conv2d(_conv_padded(x, geometry), weight, bias, stride=tuple(geometry[2:4]),
                    dilation=tuple(geometry[4:6]))
-    return out.relu_() if relu else out
+    out = out.relu_() if relu else out
+    return F.max_pool2d(out, 2) if pool else out
 
 
 def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col: Tensor,
@@ -834,7 +835,7 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
                   geometry: tuple[int, ...],
                   transposed: TransposedPattern | Callable[[], TransposedPattern] | None = None,
                   offsets: Callable[[Callable[..., Tensor], int, int], Tensor] | None = None,
-                  relu: bool = False) -> Tensor:
+                  relu: bool = False, pool: bool = False) -> Tensor:
     """Apply a sparse 2-D convolution to a 4-D input ``(batch, in_channels, height, width)``.
 
     Args:
@@ -856,26 +857,37 @@ def sparse_conv2d(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, 
             that computes them.
         relu: return ``relu(conv2d(x, W) + bias)``; without a graph the forward writes it so
             (no second pass over the output), otherwise a ReLU follows the product.
+        pool: return the 2x2, stride-2 max-pool of that (``F.max_pool2d(out, 2)``); without a
+            graph the native forward pools as it writes where the batch fills its vectors (the
+            full-size output is never stored), otherwise the pooling follows.
 
     Returns:
         ``(batch, out_channels, out_h, out_w)``, equal to ``F.conv2d`` with the dense weight
-        (followed by ``F.relu`` with ``relu``).
+        (followed by ``F.relu`` with ``relu``), or ``(batch, out_channels, out_h // 2, out_w // 2)``
+        with ``pool``.
     """
     if _computes_in_float32(x):
         out = sparse_conv2d(x.float(), values.float(), None if bias is None else bias.float(), crow, col,
-                            out_channels, geometry, transposed, relu=relu)
+                            out_channels, geometry, transposed, relu=relu, pool=pool)
         return out.to(x.dtype)
     if _traced(x):
         out = torch.ops.actuallysparse.conv2d(x, values, bias, crow, col, out_channels, list(geometry))
-        return F.relu(out) if relu else out
+        return _relu_pool(out, relu, pool)
     backend = backend_for(x, crow)
     if not _needs_autograd(x, values, bias):
         cached = {}
         if offsets is not None and backend.conv_offsets is not None:
             cached["offsets"] = offsets(backend.conv_offsets, x.shape[2], x.shape[3])
-        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry, relu=relu, **cached)
+        return backend.conv_forward(x, values, bias, crow, col, out_channels, geometry, relu=relu, pool=pool,
+                                    **cached)
     if callable(transposed):
         transposed = transposed() if backend.conv_uses_transposed else None
     out = SparseProduct.apply(x, values, bias, ConvProducts(backend, crow, col, out_channels, tuple(geometry),
                                                             transposed))
-    return F.relu(out) if relu else out
+    return _relu_pool(out, relu, pool)
+
+
+def _relu_pool(out: Tensor, relu: bool, pool: bool) -> Tensor:
+    """What a convolution with a fused ReLU or pooling returns when they follow the product."""
+    out = F.relu(out) if relu else out
+    return F.max_pool2d(out, 2) if pool else out

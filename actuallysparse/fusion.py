@@ -1,6 +1,6 @@
 """The rest of a pruned model: eval-mode BatchNorm folded into the layer before it, for
-inference, and the library's pooling, batch norm (with the ReLU after it) and dropout put in
-place of torch's.
+inference; max-pooling handed to the sparse convolution before it; and the library's pooling,
+batch norm (with the ReLU after it) and dropout put in place of torch's.
 
 In evaluation a BatchNorm is an affine map per channel, ``y = (x - mean) / sqrt(var + eps) *
 gamma + beta``. After a sparse layer it folds into that layer: each output row's stored values
@@ -72,6 +72,51 @@ def fuse_batchnorm(model: nn.Module) -> int:
             layer.fused_relu = True
         parent._modules[name] = nn.ReLU(inplace=True) if relu and not handed else nn.Identity()
     return len(pairs)
+
+
+def fuse_pooling(model: nn.Module) -> int:
+    """Hand every 2x2, stride-2 max-pool that follows a sparse convolution inside an
+    ``nn.Sequential`` (right after it, or after ``nn.Identity`` and ``nn.ReLU`` modules, which
+    commute with the maximum) to that convolution (``fused_pool``), and put ``nn.Identity`` in the
+    pool's place. In place; exact, in training as in evaluation.
+
+    Without a graph the convolution then pools as it writes, so its full-size output is never
+    stored and read again: the max-pools after VGG11_bn's sparse convolutions were about a tenth of
+    the pruned model's inference at batch 64.
+
+    Args:
+        model: any model; pools of other shapes (``nn.MaxPool2d`` other than kernel and stride 2,
+            no padding, dilation 1, floor mode, no indices) stay as they are.
+
+    Returns:
+        How many poolings were handed over.
+
+    Example::
+
+        >>> model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        >>> fuse_pooling(model)
+        1
+        >>> model[0].fused_pool, type(model[2]).__name__
+        (True, 'Identity')
+    """
+    fused = 0
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for at, name in enumerate(names):
+            conv = parent._modules[name]
+            if not isinstance(conv, SparseConv2d) or conv.fused_pool:
+                continue
+            for later in names[at + 1:]:
+                module = parent._modules[later]
+                if isinstance(module, nn.MaxPool2d) and _is_2x2_pooling(module):
+                    conv.fused_pool = True
+                    parent._modules[later] = nn.Identity()
+                    fused += 1
+                if type(module) not in (nn.Identity, nn.ReLU):
+                    break
+    return fused
 
 
 def _neighbours(model: nn.Module):

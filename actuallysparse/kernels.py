@@ -188,13 +188,15 @@ def grad_values(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tenso
 
 
 def conv_forward(x: Tensor, values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_channels: int,
-                 geometry: tuple[int, ...], offsets: Tensor | None = None, relu: bool = False) -> Tensor:
+                 geometry: tuple[int, ...], offsets: Tensor | None = None, relu: bool = False,
+                 pool: bool = False) -> Tensor:
     """A direct sparse convolution of a 4-D input (``geometry`` as in :mod:`actuallysparse.functional`).
 
     ``offsets``, from :func:`conv_offsets` for this pattern and the input's size, spares the call
-    the pass that computes them; ``relu`` writes ``max(output, 0)``.
+    the pass that computes them; ``relu`` writes ``max(output, 0)``; ``pool`` returns the output's
+    2x2, stride-2 max-pool, computed as the output is written where the batch fills vectors.
     """
-    return _ops().conv2d(x, values, bias, crow, col, out_channels, list(geometry), isa(), 0, offsets, relu)
+    return _ops().conv2d(x, values, bias, crow, col, out_channels, list(geometry), isa(), 0, offsets, relu, pool)
 
 
 def conv_offsets(col: Tensor, channels: int, height: int, width: int, geometry: tuple[int, ...]) -> Tensor:

@@ -181,6 +181,55 @@ def test_a_fused_relu_is_written_with_the_output_and_follows_the_product_under_a
         convert(sparse, "dense")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, height, width", [
+    (3, 8, 8),      # one item holds whole pairs of rows: 16 pixels
+    (37, 16, 16),   # 32 pixels an item, half the channels; a second batch tile
+    (5, 9, 7),      # odd sizes: the last row and column are in no window
+    (1, 6, 8),      # one image: pooled after the single-image forward
+    (2, 4, 140),    # rows too wide for the buffer: pooled after the forward
+])
+def test_a_fused_pool_writes_the_pooled_output_and_follows_the_product_under_a_graph(backend, dtype, batch, height,
+                                                                                     width):
+    dense, sparse = _masked_pair(4, 19, 3, 1, 1, 1, True, dtype=dtype)
+    sparse.fused_relu = sparse.fused_pool = True
+    assert repr(sparse).endswith("k=0.05, fused_relu=True, fused_pool=True)")
+    x = torch.randn(batch, 4, height, width, dtype=dtype)
+    with torch.no_grad():
+        expected = F.max_pool2d(F.relu(dense(x)), 2)
+        torch.testing.assert_close(sparse.eval()(x), expected, **_tolerance(dtype))
+        # a NaN wins its window, as in max_pool2d (the reference: this layer unfused; a dense
+        # convolution would spread an input NaN through its zero weights too)
+        sparse.bias[2] = float("nan")
+        x[0, :, 1, 2] = float("nan")
+        sparse.fused_relu = sparse.fused_pool = False
+        expected = F.max_pool2d(F.relu(sparse(x)), 2)
+        sparse.fused_relu = sparse.fused_pool = True
+        assert expected.isnan().any() and not expected.isnan().all()
+        torch.testing.assert_close(sparse(x), expected, equal_nan=True, **_tolerance(dtype))
+    x = torch.randn(batch, 4, height, width, dtype=dtype)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sparse.bias.data.fill_(0.25)
+    dense.bias.data.fill_(0.25)
+    out, expected = sparse.train()(x_ours), F.max_pool2d(F.relu(dense(x_ref)), 2)
+    torch.testing.assert_close(out, expected, **_tolerance(dtype))
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, **_tolerance(dtype))
+    assert convert(sparse, "coo").fused_pool
+    sparse.fused_relu = False
+    with pytest.raises(ValueError, match="pools its output"):
+        convert(sparse, "dense")
+
+
+def test_a_fused_pool_needs_an_output_of_two_by_two(backend):
+    _, sparse = _masked_pair(2, 3, 3, 1, 0, 1, True)
+    sparse.fused_pool = True
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fused_pool\), which is 1x2 for input shape \(2, 2, 3, 4\); it needs at least 2x2"):
+        sparse.eval()(torch.randn(2, 2, 3, 4, dtype=torch.float64))
+
+
 def test_no_non_zeros_leaves_the_bias(backend):
     conv = convert(nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), "coo")
     conv.keep_entries(torch.zeros(conv.nnz, dtype=torch.bool))

@@ -136,3 +136,27 @@ def test_native_layers_can_leave_the_relus_alone():
     model = _model()
     assert use_native_layers(model, fuse_relu=False) == 2
     assert not model[1].fused_relu and type(model[2]) is nn.ReLU
+
+
+def test_pooling_after_a_sparse_convolution_is_handed_to_it(backend):
+    from actuallysparse.fusion import fuse_pooling
+
+    model = _model().eval()
+    model[3] = nn.MaxPool2d((2, 2), stride=2)
+    follow = nn.Sequential(convert(nn.Conv2d(6, 4, 3, padding=1, dtype=torch.float64), "coo"), nn.MaxPool2d(3),
+                           convert(nn.Conv2d(4, 4, 1, dtype=torch.float64), "csr"), nn.MaxPool2d(2, 1),
+                           nn.Conv2d(4, 4, 1, dtype=torch.float64), nn.MaxPool2d(2))
+    model.insert(4, follow)
+    model[6] = convert(nn.Linear(16, 5, dtype=torch.float64), "coo")   # 4 channels x 2 x 2 after the blocks
+    reference = copy.deepcopy(model)
+    # through the norm? no: a BatchNorm2d stands between the first convolution and its pooling
+    assert fuse_pooling(model) == 0
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    assert fuse_batchnorm(model) == 2 and fuse_pooling(model) == 1   # then through Identity and ReLU
+    assert model[0].fused_relu is False and model[0].fused_pool and type(model[3]) is nn.Identity
+    assert type(model[2]) is nn.ReLU and "fused_pool=True" in repr(model[0])
+    # pools of other shapes, and after a dense convolution, stay
+    assert [type(module) for module in follow] == [type(module) for module in reference[4]]
+    assert fuse_pooling(model) == 0                                    # nothing left to hand over
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))

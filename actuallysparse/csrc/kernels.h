@@ -56,6 +56,18 @@ struct BackwardArgs {
 // (flattened over rows), whose partial sums share one buffer.
 constexpr int kConvChannelChunk = 16;
 constexpr int kConvPixelBlock = 16;
+// Channels times pixels of one item's buffer of partial sums: a 2x2 max-pool fused into the
+// forward takes pixel blocks of whole pairs of output rows (32 pixels at 16x16) and fewer
+// channels, the same buffer.
+constexpr int64_t kConvBlockCapacity = kConvChannelChunk * kConvPixelBlock;
+
+// Output pixels a forward item covers when it pools 2x2 windows (stride 2) as it writes: whole
+// pairs of rows, the fewest holding kConvPixelBlock pixels. More than kConvBlockCapacity (output
+// rows over 128 pixels wide) cannot be fused.
+inline int64_t conv_pool_block(int64_t out_w) {
+  const int64_t pairs = kConvPixelBlock / (2 * out_w);
+  return 2 * (pairs > 0 ? pairs : 1) * out_w;
+}
 
 // Vectors of output pixels in a run of the single-image forward (conv_forward_single): the lanes
 // a run covers (the output rows laid at the padded width when the height's stride is 1, else one
@@ -109,6 +121,8 @@ struct ConvArgs {
   const uint16_t* off16;     // or null: the offsets as 16 bits, which hold them when C * Hp * Wp <= 65536
   int single_vectors;        // tile width 1: vectors a run (conv_single_vectors)
   bool relu;                 // write max(output, 0)
+  int64_t pixel_block;       // output pixels an item covers: kConvPixelBlock, or conv_pool_block with pool
+  bool pool;                 // write the 2x2 max-pool of the output: out is (batch, out_channels, out_h/2, out_w/2)
 };
 
 template <typename T>
@@ -146,7 +160,7 @@ struct KernelTable {
   void (*spmm16)(const SpmmArgs<T, int16_t>&, int64_t tile, int64_t row_begin, int64_t row_end);
   void (*backward16)(const BackwardArgs<T, int16_t>&, int64_t tile, int64_t row_begin, int64_t row_end,
                      T* acc_tile, bool accumulate);
-  // Convolution: output pixels [p_begin, p_begin + 16) of channels [o_begin, o_end) on batch tile `tile`;
+  // Convolution: output pixels [p_begin, p_begin + pixel_block) of channels [o_begin, o_end) on batch tile `tile`;
   // with a tile width of 1 (one image, stride 1 along the width), run p_begin (see conv_single_runs).
   void (*conv_forward)(const ConvArgs<T>&, int64_t tile, int64_t p_begin, int64_t o_begin, int64_t o_end);
   // Scatter the input gradient of channels [o_begin, o_end) into acc (one padded tile).

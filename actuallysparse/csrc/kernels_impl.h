@@ -42,6 +42,10 @@ struct Lanes {
     reg r; for (int i = 0; i < L; ++i) r.v[i] = base[idx[i]]; return r;
   }
   static reg reduce_lanes(const reg* acc) { reg r; for (int i = 0; i < L; ++i) r.v[i] = hsum(acc[i]); return r; }
+  static reg relu(const reg& a) { reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] < T(0) ? T(0) : a.v[i]; return r; }
+  static reg max(const reg& a, const reg& b) {  // NaN if either is
+    reg r; for (int i = 0; i < L; ++i) r.v[i] = (a.v[i] != a.v[i] || a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;
+  }
 };
 
 constexpr int kRowBlock = 16;  // rows per block buffer before the transposed store
@@ -130,13 +134,8 @@ void spmm_nv(const SpmmArgs<typename V::T, I>& a, int64_t tile, int64_t row_begi
         for (int v = 0; v < NV; ++v) acc[0][v] = V::add(acc[0][v], acc[s][v]);
       for (int v = 0; v < NV; ++v) V::store(block[r - r0] + v * W, acc[0][v]);
     }
-    for (int64_t b = 0; b < nb; ++b) {
-      T* dst = a.out + (b0 + b) * a.n_rows;
-      for (int64_t r = r0; r < r1; ++r) {
-        const T bias = a.bias ? a.bias[r] : T(0);
-        dst[r] = block[r - r0][b] + bias;
-      }
-    }
+    store_transposed<V>(block[0], TW, r1 - r0, nb, a.bias ? a.bias + r0 : nullptr, T(0), false,
+                        a.out + b0 * a.n_rows + r0, a.n_rows);
   }
 }
 

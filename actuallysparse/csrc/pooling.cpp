@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "image_checks.h"
+#include "pooling.h"
 
 #include <algorithm>
 #include <cmath>
@@ -130,6 +131,8 @@ int64_t plane_grain(int64_t height, int64_t width) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, height * width));
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input) {
   check_pool_input(input, "input");
   const at::Tensor x = input.contiguous();
@@ -147,6 +150,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input) {
   });
   return {out, where};
 }
+
+namespace {
 
 at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& where, int64_t height, int64_t width) {
   check_pool_input(grad_out, "grad_out");
