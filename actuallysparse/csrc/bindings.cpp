@@ -450,14 +450,11 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
           std::fill(tile + h * row + (g.pl + g.width) * tw, tile + (h + 1) * row, T(0));
         }
       }
-      // across the batch innermost: the stores run contiguous (a loop over one image at a time
-      // stored every element into its own cache line, tw elements apart)
-      const T* images = src + t * tw * sn + c * sc;
-      for (int64_t h = 0; h < g.height; ++h) {
-        T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw;
-        for (int64_t w = 0; w < g.width; ++w) {
-          const T* at = images + h * sh + w * sw;
-          for (int64_t j = 0; j < nb; ++j) row[w * tw + j] = at[j * sn];
+      for (int64_t j = 0; j < nb; ++j) {
+        const T* image = src + (t * tw + j) * sn + c * sc;
+        for (int64_t h = 0; h < g.height; ++h) {
+          T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
+          for (int64_t w = 0; w < g.width; ++w) row[w * tw] = image[h * sh + w * sw];
         }
       }
     }
