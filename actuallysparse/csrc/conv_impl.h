@@ -379,13 +379,17 @@ void conv_grad_values_nv(const ConvBackwardArgs<typename V::T>& a, int64_t n_til
       for (int j = 0; j < KB; ++j) acc[j][0] = acc[j][1] = V::zero();
       for (int64_t t = 0; t < n_tiles; ++t) {
         const T* g_channel = a.packed_grad + t * grad_tile + o * a.grad_rows * TW;
-        const T* input = a.packed_input + t * input_tile;
+        // each non-zero's rows through its own pointer: one base register a non-zero and the
+        // pixel's row as the index, where adding offset and row per load held the loop to half
+        // the products' rate (38 instructions a pixel for 8 products, against 17)
+        const T* rows[KB];
+        for (int j = 0; j < KB; ++j) rows[j] = a.packed_input + t * input_tile + off[j];
         for (int64_t p = 0; p < pixels; ++p) {
           const int64_t at = static_cast<int64_t>(a.pixel_base[p]) * TW;
           const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p]) * TW;
           for (int v = 0; v < NV; ++v) {
             const typename V::reg g = V::load(g_pixel + v * W);
-            for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(input + off[j] + at + v * W), acc[j][v & 1]);
+            for (int j = 0; j < KB; ++j) acc[j][v & 1] = V::fmadd(g, V::load(rows[j] + at + v * W), acc[j][v & 1]);
           }
         }
       }
