@@ -173,9 +173,12 @@ class SparseModule(nn.Module):
 
     def _pattern(self) -> tuple[Tensor, Tensor]:
         """CSR view ``(crow, col)`` of the stored pattern, whatever the format."""
+        # read from the buffer table itself: every product asks, and a module attribute lookup
+        # for a buffer is a slow path (1.35 against 0.09 us a call, a few % of a small layer's)
+        buffers = self._buffers
         if self.csr_mode:
-            return self.row_indices, self.col_indices
-        return self._crow, self.indices[1]
+            return buffers["row_indices"], buffers["col_indices"]
+        return buffers["_crow"], buffers["indices"][1]
 
     def _rows_cols(self) -> tuple[Tensor, Tensor]:
         if self.csr_mode:
