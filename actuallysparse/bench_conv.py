@@ -105,13 +105,13 @@ def run_conv_layers(sparsities=DEFAULT_CONV_SPARSITIES, batches=DEFAULT_CONV_BAT
             layer.train(mode == "train")
         make = inference_call if mode == "inference" else train_call
         calls = {"dense": make(dense, x), "masked": make(masked, x), "csr": make(sparse, x)}
-        peers = {}
+        peer_calls = {}
         if peer is not None:
             peer.train(mode == "train")
-            peers["sparseprop"] = lambda: make(peer, x)
+            peer_calls["sparseprop"] = lambda: make(peer, x)
         timings = {}
         for _ in range(rounds):
-            times = time_round(calls, peers, "csr", repeats, warmup)
+            times = time_round(calls, peer_calls, "csr", repeats, warmup)
             for name, ms in times.items():
                 timings.setdefault(name, []).append((ms, times["dense"]))
         records.append(summarise_rounds(timings, {
