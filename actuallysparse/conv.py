@@ -190,7 +190,8 @@ class SparseConv2d(SparseModule):
         if self.bias is None:
             text += ", bias=False"
         text += f", csr_mode={self.csr_mode}, k={self.k}"
-        return text + (", fused_relu=True" if self.fused_relu else "") + (", fused_pool=True" if self.fused_pool else "")
+        text += ", fused_relu=True" if self.fused_relu else ""
+        return text + (", fused_pool=True" if self.fused_pool else "")
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):

@@ -13,7 +13,9 @@ struct Avx2F32 {
     // max(a, 0) keeping NaN: MAX returns its second operand when either is NaN
   static reg relu(reg a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
   // the larger, NaN where either is (MAX alone returns b when either is NaN)
-  static reg max(reg a, reg b) { return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
+  static reg max(reg a, reg b) {
+    return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(T x) { return _mm256_set1_ps(x); }
   static reg load(const T* p) { return _mm256_load_ps(p); }
@@ -52,7 +54,9 @@ struct Avx2F64 {
     // max(a, 0) keeping NaN: MAX returns its second operand when either is NaN
   static reg relu(reg a) { return _mm256_max_pd(_mm256_setzero_pd(), a); }
   // the larger, NaN where either is (MAX alone returns b when either is NaN)
-  static reg max(reg a, reg b) { return _mm256_blendv_pd(_mm256_max_pd(a, b), a, _mm256_cmp_pd(a, a, _CMP_UNORD_Q)); }
+  static reg max(reg a, reg b) {
+    return _mm256_blendv_pd(_mm256_max_pd(a, b), a, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
+  }
   static reg zero() { return _mm256_setzero_pd(); }
   static reg set1(T x) { return _mm256_set1_pd(x); }
   static reg load(const T* p) { return _mm256_load_pd(p); }

@@ -13,7 +13,9 @@ struct Avx512F32 {
     // max(a, 0) keeping NaN: MAX returns its second operand when either is NaN
   static reg relu(reg a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
   // the larger, NaN where either is (MAX alone returns b when either is NaN)
-  static reg max(reg a, reg b) { return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a); }
+  static reg max(reg a, reg b) {
+    return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+  }
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(T x) { return _mm512_set1_ps(x); }
   static reg load(const T* p) { return _mm512_load_ps(p); }
@@ -57,7 +59,9 @@ struct Avx512F64 {
     // max(a, 0) keeping NaN: MAX returns its second operand when either is NaN
   static reg relu(reg a) { return _mm512_max_pd(_mm512_setzero_pd(), a); }
   // the larger, NaN where either is (MAX alone returns b when either is NaN)
-  static reg max(reg a, reg b) { return _mm512_mask_mov_pd(_mm512_max_pd(a, b), _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q), a); }
+  static reg max(reg a, reg b) {
+    return _mm512_mask_mov_pd(_mm512_max_pd(a, b), _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q), a);
+  }
   static reg zero() { return _mm512_setzero_pd(); }
   static reg set1(T x) { return _mm512_set1_pd(x); }
   static reg load(const T* p) { return _mm512_load_pd(p); }

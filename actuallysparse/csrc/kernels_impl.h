@@ -42,7 +42,9 @@ struct Lanes {
     reg r; for (int i = 0; i < L; ++i) r.v[i] = base[idx[i]]; return r;
   }
   static reg reduce_lanes(const reg* acc) { reg r; for (int i = 0; i < L; ++i) r.v[i] = hsum(acc[i]); return r; }
-  static reg relu(const reg& a) { reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] < T(0) ? T(0) : a.v[i]; return r; }
+  static reg relu(const reg& a) {  // NaN stays NaN
+    reg r; for (int i = 0; i < L; ++i) r.v[i] = a.v[i] < T(0) ? T(0) : a.v[i]; return r;
+  }
   static reg max(const reg& a, const reg& b) {  // NaN if either is
     reg r; for (int i = 0; i < L; ++i) r.v[i] = (a.v[i] != a.v[i] || a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;
   }
