@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="benchmark sparse convolutions instead: VGG11's CIFAR conv layers at 0.9 and 0.95, "
                              "B=64, and the whole pruned VGG11_bn (see actuallysparse.bench_conv)")
     parser.add_argument("--conv-width", type=float, default=None,
-                        help="with --conv: time every convolution of VGG11 at this width (the harness's default model "
-                             "is 0.375) at 0.9, batch 1 and 64, instead of the default tables")
+                        help="with --conv: time every convolution of VGG11, and the whole VGG11_bn, at this width "
+                             "(the harness's default model is 0.375) at 0.9, batch 1 and 64, instead of the default "
+                             "tables")
     parser.add_argument("--dynamic", action="store_true",
                         help="benchmark dynamic sparse training instead: RigL's amortised step against the "
                              "fixed-pattern sparse step and masked RigL, 4096x4096 and VGG11_bn at 0.9, B=64 "
@@ -353,8 +354,12 @@ def _main_conv(args) -> int:
         layers = bench_conv.run_conv_layers(sparsities=bench_conv.WIDTH_CONV_SPARSITIES,
                                             batches=bench_conv.WIDTH_CONV_BATCHES, rounds=args.rounds, peers=peers,
                                             shapes=bench_conv.vgg11_cifar_convs(args.conv_width))
-        legend = f"VGG11 convolutions at width {args.conv_width} (every one but the first); "
-        title, checks = "", bench_conv.check_layers_against_dense(layers)
+        model = [record for batch in bench_conv.WIDTH_CONV_BATCHES
+                 for record in bench_conv.run_conv_model(batch=batch, rounds=args.rounds, peers=peers,
+                                                         width=args.conv_width)]
+        legend = f"VGG11 convolutions at width {args.conv_width} (every one but the first), and the whole VGG11_bn; "
+        title = ""
+        checks = bench_conv.check_layers_against_dense(layers) + bench_conv.check_conv_targets([], model)
     else:
         if args.quick:
             layers = bench_conv.run_conv_layers(sparsities=(0.9,), batches=(8,), repeats=2, warmup=1, rounds=1,

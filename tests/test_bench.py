@@ -2,6 +2,8 @@
 import csv
 
 import pytest
+import torch
+from torch import nn
 
 from actuallysparse import bench, timing
 from actuallysparse.timing import time_interleaved
@@ -174,3 +176,24 @@ def test_conv_width_scales_vgg11_and_says_which_layer_is_slowest():
     lines = bench_conv.check_layers_against_dense(layers)
     assert lines == ["inference B=1: slowest layer 32->64 @8x8 at 0.80x dense -> slower than dense",
                      "train     B=64: slowest layer 32->64 @8x8 at 2.00x dense -> no layer slower than dense"]
+
+
+def test_the_narrow_vgg11_bn_scales_as_the_harness_and_has_its_own_target():
+    from actuallysparse import bench_conv
+
+    full, narrow = bench_conv.vgg11_bn_cifar(), bench_conv.vgg11_bn_cifar(width=0.25)
+    convs = [m for m in narrow.features if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [16, 32, 64, 64, 128, 128, 128, 128]
+    assert [(m.in_features, m.out_features) for m in narrow.classifier if isinstance(m, nn.Linear)] == \
+        [(128, 1024), (1024, 1024), (1024, 10)]
+    assert [(m.in_features, m.out_features) for m in full.classifier if isinstance(m, nn.Linear)] == \
+        [(512, 4096), (4096, 4096), (4096, 10)]
+    assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="width must be > 0, got -1"):
+        bench_conv.vgg11_bn_cifar(width=-1)
+    row = {"layer": "VGG11_bn x0.25 (CIFAR head)", "width": 0.25, "sparsity": 0.9, "mode": "inference", "batch": 1,
+           "csr_speedup": 2.2, "csr_ms": 1.0, "openvino_ms": 1.5}
+    (line,) = bench_conv.check_conv_targets([], [row])
+    assert line == "VGG11_bn x0.25 s=0.90 inference B=1: csr 2.20x dense (target >= 2.0x: met); 1.50x OpenVINO's faster mode"
+    (line,) = bench_conv.check_conv_targets([], [{**row, "batch": 64}])   # no target there
+    assert line.startswith("VGG11_bn x0.25 s=0.90 inference B=64: csr 2.20x dense;")
