@@ -24,6 +24,12 @@ def _pair(name: str, value, *, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def _output_size(geometry: tuple[int, ...], height: int, width: int) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution of ``geometry`` (:meth:`SparseConv2d.geometry`) on ``height x width``."""
+    kh, kw, sh, sw, dh, dw, top, bottom, left, right = geometry
+    return conv_output_size(height, kh, sh, dh, top, bottom), conv_output_size(width, kw, sw, dw, left, right)
+
+
 class SparseConv2d(SparseModule):
     r"""A 2-D convolution whose weight holds only its non-zeros.
 
@@ -178,8 +184,7 @@ class SparseConv2d(SparseModule):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H_out, W_out)`` for an input of ``height x width``."""
-        kh, kw, sh, sw, dh, dw, top, bottom, left, right = self.geometry()
-        return conv_output_size(height, kh, sh, dh, top, bottom), conv_output_size(width, kw, sw, dw, left, right)
+        return _output_size(self.geometry(), height, width)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -199,8 +204,9 @@ class SparseConv2d(SparseModule):
         if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d expects (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W) "
                              f"input, got shape {tuple(input.shape)}")
-        if input.dtype != self.values.dtype:
-            raise TypeError(f"input dtype {input.dtype} does not match the layer's {self.values.dtype}; "
+        values, bias = self._operands()
+        if input.dtype != values.dtype:
+            raise TypeError(f"input dtype {input.dtype} does not match the layer's {values.dtype}; "
                             f"convert one of them with .to()")
         x = input.unsqueeze(0) if input.dim() == 3 else input
         geometry = self.geometry()
@@ -211,7 +217,7 @@ class SparseConv2d(SparseModule):
                 raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated kernel's "
                                  f"{span} (input shape {tuple(input.shape)})")
         if self.fused_pool:
-            out_h, out_w = self.output_size(x.shape[2], x.shape[3])
+            out_h, out_w = _output_size(geometry, x.shape[2], x.shape[3])
             if min(out_h, out_w) < 2:
                 raise ValueError(f"this layer pools 2x2 windows of its output (fused_pool), which is {out_h}x{out_w} "
                                  f"for input shape {tuple(input.shape)}; it needs at least 2x2")
@@ -219,6 +225,6 @@ class SparseConv2d(SparseModule):
         # the input gradient's pattern, built once per pattern, only where a backward will read it
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
         offsets = None if self.training else self._input_offsets
-        out = sparse_conv2d(x, self.values, self.bias, crow, col, self.out_channels, geometry, transposed, offsets,
+        out = sparse_conv2d(x, values, bias, crow, col, self.out_channels, geometry, transposed, offsets,
                             relu=self.fused_relu, pool=self.fused_pool)
         return out.squeeze(0) if input.dim() == 3 else out

@@ -120,15 +120,16 @@ class SparseLayer(SparseModule):
                              f"(input shape {tuple(input.shape)})")
         if input.is_sparse or input.layout != torch.strided:
             input = input.to_dense()
-        if input.dtype != self.values.dtype:
-            raise TypeError(f"input dtype {input.dtype} does not match the layer's {self.values.dtype}; "
+        values, bias = self._operands()
+        if input.dtype != values.dtype:
+            raise TypeError(f"input dtype {input.dtype} does not match the layer's {values.dtype}; "
                             f"convert one of them with .to()")
         leading = (1,) if input.dim() == 1 else input.shape[:-1]
         x = input.reshape(-1, self.in_features)
         crow, col = self._pattern()
         # Handed over unbuilt: sparse_linear builds the cache only where it can use it.
         transposed = self._transposed_pattern if (torch.is_grad_enabled() and x.requires_grad) else None
-        out = sparse_linear(x, self.values, self.bias, crow, col,
+        out = sparse_linear(x, values, bias, crow, col,
                             (self.out_features, self.in_features), transposed)
         return out.reshape(*leading, self.out_features)
 

@@ -180,6 +180,13 @@ class SparseModule(nn.Module):
             return buffers["row_indices"], buffers["col_indices"]
         return buffers["_crow"], buffers["indices"][1]
 
+    def _operands(self) -> tuple[Tensor, Tensor | None]:
+        """``(values, bias)`` from the parameter table itself, for the products: as with
+        :meth:`_pattern`, a module attribute lookup per parameter (about 0.5 us each) is a few %
+        of a small layer's call."""
+        parameters = self._parameters
+        return parameters["values"], parameters["bias"]
+
     def _rows_cols(self) -> tuple[Tensor, Tensor]:
         if self.csr_mode:
             return rows_from_crow(self.row_indices), self.col_indices.long()
