@@ -253,6 +253,24 @@ def test_non_contiguous_and_three_dimensional_input(backend):
     assert sparse(x[0]).shape == (3, 6, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packing_copies_every_image_and_pixel(backend, dtype):
+    # 21 images and rows of 13 pixels: whole 8x8 (float64: 4x4) transposes of the packing, a 4x4
+    # one for float32's last four pixels, and remainders of both, on rows that are contiguous and
+    # on strided ones (the plain loop)
+    dense, sparse = _masked_pair(3, 4, 3, 1, 1, 1, True, dtype=dtype)
+    for x in (torch.randn(21, 3, 5, 13, dtype=dtype), torch.randn(21, 3, 5, 26, dtype=dtype)[..., ::2]):
+        x.requires_grad_(True)
+        out = sparse(x)
+        torch.testing.assert_close(out, dense(x), **_tolerance(dtype))
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, sparse.values), grad)
+        want = torch.autograd.grad(dense(x), (x, dense.weight), grad)
+        torch.testing.assert_close(got[0], want[0], **_tolerance(dtype))
+        rows, cols = sparse._rows_cols()
+        torch.testing.assert_close(got[1], want[1].reshape(4, -1)[rows, cols], **_tolerance(dtype))
+
+
 def test_coo_and_csr_compute_alike(backend):
     dense, coo = _masked_pair(3, 4, 3, 1, 1, 1, True, fmt="coo")
     csr = convert(coo, "csr")

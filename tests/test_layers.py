@@ -347,3 +347,24 @@ def test_in_place_activation_after_the_layer_trains(sparse_pair, fmt, batch_shap
     out.sum().backward()
     torch.testing.assert_close(out, torch.relu(dense(x)))
     assert sparse.values.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packing_copies_every_row_and_feature(backend, dtype):
+    # 21 rows of 29 features: whole 8x8 (float64: 4x4) transposes of the packing, a 4x4 one for
+    # float32's last four features, and remainders of both, for contiguous rows and for strided
+    # ones (the plain loop)
+    dense = nn.Linear(29, 6, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.5)
+    layer = convert(dense, "csr")
+    for x in (torch.randn(21, 29, dtype=dtype), torch.randn(29, 21, dtype=dtype).t()):
+        x.requires_grad_(True)
+        out = layer(x)
+        torch.testing.assert_close(out, dense(x))
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, layer.values), grad)
+        want = torch.autograd.grad(dense(x), (x, dense.weight), grad)
+        rows, cols = layer._rows_cols()
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1][rows, cols])

@@ -114,7 +114,7 @@ int64_t tile_width(int64_t batch, int lanes) {
 // single row is already in that layout and is used as it is; small copies stay on one thread
 // (waking the pool costs more than copying a few thousand elements).
 template <typename T>
-at::Tensor pack(const at::Tensor& x, int64_t tw) {
+at::Tensor pack(const KernelTable<T>& table, const at::Tensor& x, int64_t tw) {
   const int64_t batch = x.size(0), k_rows = x.size(1);
   if (tw == 1 && batch == 1 && x.is_contiguous()) return x.view({1, k_rows, 1});
   const int64_t n_tiles = (batch + tw - 1) / tw;
@@ -132,9 +132,13 @@ at::Tensor pack(const at::Tensor& x, int64_t tw) {
       const int64_t k1 = std::min(k_rows, k0 + kBlock);
       T* tile = dst + t * k_rows * tw;
       const int64_t nb = std::min(tw, batch - t * tw);
-      for (int64_t j = 0; j < nb; ++j) {
-        const T* row = src + (t * tw + j) * sb;
-        for (int64_t k = k0; k < k1; ++k) tile[k * tw + j] = row[k * sk];
+      if (sk == 1) {  // rows contiguous: the instruction set's transposing copy
+        table.pack_rows(src + t * tw * sb + k0, sb, k1 - k0, nb, tile + k0 * tw, tw);
+      } else {
+        for (int64_t j = 0; j < nb; ++j) {
+          const T* row = src + (t * tw + j) * sb;
+          for (int64_t k = k0; k < k1; ++k) tile[k * tw + j] = row[k * sk];
+        }
       }
       for (int64_t j = nb; j < tw; ++j)
         for (int64_t k = k0; k < k1; ++k) tile[k * tw + j] = T(0);
@@ -157,7 +161,7 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_spmm", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = tile_width(batch, table.lanes);
-    const at::Tensor packed = pack<scalar_t>(x, tw);
+    const at::Tensor packed = pack<scalar_t>(table, x, tw);
     with_column_type(col, [&](auto column) {
       using I = decltype(column);
       SpmmArgs<scalar_t, I> args{crow.data_ptr<int32_t>(), col.data_ptr<I>(), vals.data_ptr<scalar_t>(),
@@ -206,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_backward", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
     const int64_t tw = tile_width(batch, table.lanes);
-    const at::Tensor packed_rows = pack<scalar_t>(grad_out, tw);
-    const at::Tensor packed_cols = need_values ? pack<scalar_t>(x, tw) : at::Tensor();
+    const at::Tensor packed_rows = pack<scalar_t>(table, grad_out, tw);
+    const at::Tensor packed_cols = need_values ? pack<scalar_t>(table, x, tw) : at::Tensor();
     const int64_t n_tiles = packed_rows.size(0);
     const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
     // zeroed tile by tile just before each is scattered into (see the convolution's backward)
@@ -419,7 +423,7 @@ int64_t conv_tile_width(int64_t batch, int lanes, int64_t tile_vectors) {
 // A tile width of 1 gets kConvSingleSlack elements of zeros past the end, which the single-image
 // forward's last vectors may read.
 template <typename T>
-at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
+at::Tensor pack_padded(const KernelTable<T>& table, const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
   const int64_t batch = x.size(0);
   const int64_t n_tiles = (batch + tw - 1) / tw;
   const int64_t plane = g.padded_h * g.padded_w;
@@ -450,11 +454,17 @@ at::Tensor pack_padded(const at::Tensor& x, int64_t tw, const ConvGeometry& g) {
           std::fill(tile + h * row + (g.pl + g.width) * tw, tile + (h + 1) * row, T(0));
         }
       }
-      for (int64_t j = 0; j < nb; ++j) {
-        const T* image = src + (t * tw + j) * sn + c * sc;
-        for (int64_t h = 0; h < g.height; ++h) {
-          T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
-          for (int64_t w = 0; w < g.width; ++w) row[w * tw] = image[h * sh + w * sw];
+      const T* images = src + t * tw * sn + c * sc;
+      if (sw == 1) {  // rows contiguous: the instruction set's transposing copy
+        for (int64_t h = 0; h < g.height; ++h)
+          table.pack_rows(images + h * sh, sn, g.width, nb, tile + ((h + g.pt) * g.padded_w + g.pl) * tw, tw);
+      } else {
+        for (int64_t j = 0; j < nb; ++j) {
+          const T* image = images + j * sn;
+          for (int64_t h = 0; h < g.height; ++h) {
+            T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
+            for (int64_t w = 0; w < g.width; ++w) row[w * tw] = image[h * sh + w * sw];
+          }
         }
       }
     }
@@ -559,7 +569,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   const at::Tensor off = offsets.has_value() ? *offsets : conv_offsets(col, g, true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const at::Tensor packed = pack_padded<scalar_t>(x, tw, g);
+    const at::Tensor packed = pack_padded<scalar_t>(table, x, tw, g);
     run_conv_forward<scalar_t>(table, packed, tw, batch, g, crow, col, off, vals.data_ptr<scalar_t>(),
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out, relu, pool_in_kernel);
   });
@@ -637,8 +647,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
     const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
     // Transposed: one padded packing of grad_out serves both gradients; each output pixel's
     // gradient row then sits at (y + top) * Wp' + x + left of its channel's plane.
-    const at::Tensor packed_grad = transposed ? pack_padded<scalar_t>(grad_out, tw, gt)
-                                              : pack<scalar_t>(grad_out.reshape({batch, -1}), tw);
+    const at::Tensor packed_grad = transposed ? pack_padded<scalar_t>(table, grad_out, tw, gt)
+                                              : pack<scalar_t>(table, grad_out.reshape({batch, -1}), tw);
     const auto input_grad_as_forward = [&] {
       const at::Tensor vals_t = vals.index_select(0, *perm);
       run_conv_forward<scalar_t>(table, packed_grad, tw, batch, gt, *t_crow, *t_col, conv_offsets(*t_col, gt, true),
@@ -653,7 +663,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
     for (int64_t y = 0, p = 0; y < g.out_h; ++y)
       for (int64_t w = 0; w < g.out_w; ++w, ++p)
         grad_base_data[p] = static_cast<int32_t>(transposed ? (y + gt.pt) * gt.padded_w + w + gt.pl : p);
-    const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(x, tw, g) : at::Tensor();
+    const at::Tensor packed_input = need_values ? pack_padded<scalar_t>(table, x, tw, g) : at::Tensor();
     const int64_t n_tiles = (batch + tw - 1) / tw;
     const int64_t in_rows = g.channels * g.padded_h * g.padded_w;
     const int64_t block_channels = channels_per_block(g.padded_h * g.padded_w * tw * int64_t(sizeof(scalar_t)),

@@ -2,6 +2,7 @@
 // AVX-512F path (the pragma above compiles this file alone for AVX-512F; called only when the CPU reports AVX-512F).
 #include <immintrin.h>
 #include "kernels_impl.h"
+#include "pack_simd.h"
 
 namespace actuallysparse {
 namespace {
@@ -50,6 +51,9 @@ struct Avx512F32 {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
                                                _mm256_castps_pd(hi), 1));
   }
+  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
+  }
 };
 
 struct Avx512F64 {
@@ -88,6 +92,9 @@ struct Avx512F64 {
       q[i] = _mm256_add_pd(_mm256_permute2f128_pd(t0, t1, 0x20), _mm256_permute2f128_pd(t0, t1, 0x31));
     }
     return _mm512_insertf64x4(_mm512_castpd256_pd512(q[0]), q[1], 1);
+  }
+  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
   }
 };
 

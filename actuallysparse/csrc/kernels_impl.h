@@ -19,6 +19,19 @@
 namespace actuallysparse {
 namespace impl {
 
+// dst[i * tw + j] = src[j * image_stride + i] for i < n, j < images: one contiguous row of n
+// elements per image, written transposed into a batch tile of width tw (KernelTable::pack_rows),
+// one image at a time. Internal linkage: each file's copy is compiled for its instruction set.
+namespace {
+template <typename T>
+inline void pack_rows_scalar(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
+  for (int64_t j = 0; j < images; ++j) {
+    const T* row = src + j * image_stride;
+    for (int64_t i = 0; i < n; ++i) dst[i * tw + j] = row[i];
+  }
+}
+}  // namespace
+
 // A "vector" of L elements as a plain array: the portable path (compiled for baseline x86-64).
 template <typename TT, int L>
 struct Lanes {
@@ -47,6 +60,9 @@ struct Lanes {
   }
   static reg max(const reg& a, const reg& b) {  // NaN if either is
     reg r; for (int i = 0; i < L; ++i) r.v[i] = (a.v[i] != a.v[i] || a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;
+  }
+  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
+    pack_rows_scalar(src, image_stride, n, images, dst, tw);
   }
 };
 
@@ -240,7 +256,7 @@ template <typename V>
 KernelTable<typename V::T> make_table() {
   return KernelTable<typename V::T>{V::lanes, &spmm<V, int32_t>, &backward<V, int32_t>, &spmm<V, int16_t>,
                                    &backward<V, int16_t>, &conv_forward<V>, &conv_grad_input<V>,
-                                   &conv_grad_values<V>};
+                                   &conv_grad_values<V>, &V::pack_rows};
 }
 
 }  // namespace impl
