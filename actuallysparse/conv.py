@@ -211,11 +211,12 @@ class SparseConv2d(SparseModule):
         x = input.unsqueeze(0) if input.dim() == 3 else input
         geometry = self.geometry()
         kh, kw, _, _, dh, dw, top, bottom, left, right = geometry
-        for name, size, span, pad in (("height", x.shape[2], dh * (kh - 1) + 1, top + bottom),
-                                      ("width", x.shape[3], dw * (kw - 1) + 1, left + right)):
-            if size + pad < span:
-                raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated kernel's "
-                                 f"{span} (input shape {tuple(input.shape)})")
+        if x.shape[2] + top + bottom <= dh * (kh - 1) or x.shape[3] + left + right <= dw * (kw - 1):
+            for name, size, span, pad in (("height", x.shape[2], dh * (kh - 1) + 1, top + bottom),
+                                          ("width", x.shape[3], dw * (kw - 1) + 1, left + right)):
+                if size + pad < span:
+                    raise ValueError(f"input {name} {size} (padded {size + pad}) is smaller than the dilated "
+                                     f"kernel's {span} (input shape {tuple(input.shape)})")
         if self.fused_pool:
             out_h, out_w = _output_size(geometry, x.shape[2], x.shape[3])
             if min(out_h, out_w) < 2:
