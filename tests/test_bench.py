@@ -194,6 +194,7 @@ def test_the_narrow_vgg11_bn_scales_as_the_harness_and_has_its_own_target():
     row = {"layer": "VGG11_bn x0.25 (CIFAR head)", "width": 0.25, "sparsity": 0.9, "mode": "inference", "batch": 1,
            "csr_speedup": 2.2, "csr_ms": 1.0, "openvino_ms": 1.5}
     (line,) = bench_conv.check_conv_targets([], [row])
-    assert line == "VGG11_bn x0.25 s=0.90 inference B=1: csr 2.20x dense (target >= 2.0x: met); 1.50x OpenVINO's faster mode"
+    assert line == ("VGG11_bn x0.25 s=0.90 inference B=1: csr 2.20x dense (target >= 2.0x: met); "
+                    "1.50x OpenVINO's faster mode")
     (line,) = bench_conv.check_conv_targets([], [{**row, "batch": 64}])   # no target there
     assert line.startswith("VGG11_bn x0.25 s=0.90 inference B=64: csr 2.20x dense;")

@@ -3,7 +3,10 @@
 // element at a time at the tile's stride. Included by the AVX2 and AVX-512 files, under their
 // target pragmas (both have AVX2's 256-bit shuffles). Eight images at once, not sixteen: the
 // images of a batch are often a power of two apart (64 KiB in VGG11's 16x16 layer), so their
-// rows share an L1 set, and sixteen of them outnumber its ways.
+// rows share an L1 set, and sixteen of them outnumber its ways. Floats take 4x4 squares for a
+// row's last four elements (VGG11's 4x4 layers have rows of four). Measured on one thread with
+// layers at 0.999, where packing is nearly the whole call (AVX-512 EPYC, B=64): 64->128 @16x16
+// 0.49 -> 0.24-0.28 ms, 128->256 @8x8 0.26 -> 0.17 ms against the plain loop.
 // Internal linkage throughout: each file compiles its own copy for its own instruction set, and
 // the linker must not fold the AVX-512 file's into the AVX2 path.
 #pragma once
@@ -55,9 +58,9 @@ inline void pack_square(const T* rows, int64_t image_stride, int64_t i, T* dst, 
   for (int k = 0; k < S; ++k) store(dst + (i + k) * tw + j, r[k]);
 }
 
-// Groups of S images: squares of S elements along their rows, the last elements of a row (fewer
-// than S) by squares of half the size where `half` is given (4x4 floats: VGG11's 4x4 layers have
-// rows of four), then the plain loop; images past the last whole group take the plain loop.
+// Groups of S images: squares of S elements along their rows, then the last elements of a row
+// (fewer than S) by `half` (squares of half the size, or nothing) and the plain loop; images past
+// the last whole group take the plain loop.
 template <typename T, int S, typename R, typename Load, typename Transpose, typename Store, typename Half>
 inline void pack_rows_transposed(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw,
                                  Load load, Transpose transpose, Store store, Half half) {
@@ -77,10 +80,10 @@ inline void pack_rows_avx2(const float* src, int64_t image_stride, int64_t n, in
   const auto half = [](const float* rows, int64_t image_stride, int64_t i, int64_t n, float* dst, int64_t j,
                        int64_t tw) {
     if (i + 4 > n) return i;
-    for (int64_t h = 0; h < 8; h += 4)
+    for (int64_t first = 0; first < 8; first += 4)
       pack_square<float, 4, __m128>(
-          rows + h * image_stride, image_stride, i, dst, j + h, tw, [](const float* p) { return _mm_loadu_ps(p); },
-          transpose4f, [](float* p, __m128 v) { _mm_storeu_ps(p, v); });
+          rows + first * image_stride, image_stride, i, dst, j + first, tw,
+          [](const float* p) { return _mm_loadu_ps(p); }, transpose4f, [](float* p, __m128 v) { _mm_storeu_ps(p, v); });
     return i + 4;
   };
   pack_rows_transposed<float, 8, __m256>(
