@@ -55,13 +55,17 @@ DEFAULT_MODEL_BATCHES = (64, 1)
 CONV_MODES = ("inference", "train")
 
 
+def _scaled(channels: int, width: float) -> int:
+    """A layer's channel count in a VGG of width ``width``, as the harness's VGG scales it (at least 1)."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return max(1, round(channels * width))
+
+
 def vgg11_cifar_convs(width: float) -> tuple[tuple[int, int, int], ...]:
     """:data:`VGG11_CIFAR_CONVS` with every channel count scaled by ``width`` (at least 1), as the
     harness's VGG scales them."""
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width}")
-    return tuple((max(1, round(c_in * width)), max(1, round(c_out * width)), size)
-                 for c_in, c_out, size in VGG11_CIFAR_CONVS)
+    return tuple((_scaled(c_in, width), _scaled(c_out, width), size) for c_in, c_out, size in VGG11_CIFAR_CONVS)
 
 
 def check_layers_against_dense(layers: list[dict]) -> list[str]:
@@ -132,17 +136,15 @@ def vgg11_bn_cifar(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     """torchvision's VGG11_bn with the CIFAR head the harness trains (1x1 average pool, the last
     convolution's channels into the first linear layer), every channel count and the classifier's
     hidden width (4096) scaled by ``width`` as the harness's VGG scales them (at least 1)."""
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width}")
     try:
         from torchvision.models.vgg import VGG, cfgs, make_layers
     except ImportError as error:
         raise RuntimeError("the whole-model rows of the conv benchmark build VGG11_bn with torchvision, which is "
                            "not installed; install the harness extra: pip install -e '.[harness]'") from error
-    channels = [entry if entry == "M" else max(1, round(entry * width)) for entry in cfgs["A"]]
+    channels = [entry if entry == "M" else _scaled(entry, width) for entry in cfgs["A"]]
     model = VGG(make_layers(channels, batch_norm=True), num_classes=num_classes)
     model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    hidden = max(1, round(4096 * width))
+    hidden = _scaled(4096, width)
     model.classifier[0] = nn.Linear(channels[-2], hidden)
     if hidden != 4096:
         model.classifier[3] = nn.Linear(hidden, hidden)
