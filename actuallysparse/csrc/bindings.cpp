@@ -132,14 +132,7 @@ at::Tensor pack(const KernelTable<T>& table, const at::Tensor& x, int64_t tw) {
       const int64_t k1 = std::min(k_rows, k0 + kBlock);
       T* tile = dst + t * k_rows * tw;
       const int64_t nb = std::min(tw, batch - t * tw);
-      if (sk == 1) {  // rows contiguous: the instruction set's transposing copy
-        table.pack_rows(src + t * tw * sb + k0, sb, k1 - k0, nb, tile + k0 * tw, tw);
-      } else {
-        for (int64_t j = 0; j < nb; ++j) {
-          const T* row = src + (t * tw + j) * sb;
-          for (int64_t k = k0; k < k1; ++k) tile[k * tw + j] = row[k * sk];
-        }
-      }
+      table.pack_rows(src + t * tw * sb + k0 * sk, sb, sk, k1 - k0, nb, tile + k0 * tw, tw);
       for (int64_t j = nb; j < tw; ++j)
         for (int64_t k = k0; k < k1; ++k) tile[k * tw + j] = T(0);
     }
@@ -455,18 +448,8 @@ at::Tensor pack_padded(const KernelTable<T>& table, const at::Tensor& x, int64_t
         }
       }
       const T* images = src + t * tw * sn + c * sc;
-      if (sw == 1) {  // rows contiguous: the instruction set's transposing copy
-        for (int64_t h = 0; h < g.height; ++h)
-          table.pack_rows(images + h * sh, sn, g.width, nb, tile + ((h + g.pt) * g.padded_w + g.pl) * tw, tw);
-      } else {
-        for (int64_t j = 0; j < nb; ++j) {
-          const T* image = images + j * sn;
-          for (int64_t h = 0; h < g.height; ++h) {
-            T* row = tile + ((h + g.pt) * g.padded_w + g.pl) * tw + j;
-            for (int64_t w = 0; w < g.width; ++w) row[w * tw] = image[h * sh + w * sw];
-          }
-        }
-      }
+      for (int64_t h = 0; h < g.height; ++h)
+        table.pack_rows(images + h * sh, sn, sw, g.width, nb, tile + ((h + g.pt) * g.padded_w + g.pl) * tw, tw);
     }
   });
   return out;

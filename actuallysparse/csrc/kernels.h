@@ -167,9 +167,9 @@ struct KernelTable {
   void (*conv_grad_input)(const ConvBackwardArgs<T>&, int64_t tile, int64_t o_begin, int64_t o_end, T* acc);
   // grad_values of channels [o_begin, o_end), summed over batch tiles [0, n_tiles).
   void (*conv_grad_values)(const ConvBackwardArgs<T>&, int64_t n_tiles, int64_t o_begin, int64_t o_end);
-  // Packing: dst[i * tw + j] = src[j * image_stride + i] for i < n, j < images (one contiguous
-  // row of n elements per image, written into a batch tile of width tw).
-  void (*pack_rows)(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw);
+  // Packing: dst[i * tw + j] = src[j * image_stride + i * step] for i < n, j < images (one row of
+  // n elements per image, `step` apart, written into a batch tile of width tw).
+  void (*pack_rows)(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst, int64_t tw);
 };
 
 KernelTable<float> scalar_table_f32();

@@ -46,8 +46,8 @@ struct Avx2F32 {
     const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
   }
-  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
-    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
+  static void pack_rows(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, step, n, images, dst, tw);
   }
 };
 
@@ -85,8 +85,8 @@ struct Avx2F64 {
     const __m256d t0 = _mm256_hadd_pd(acc[0], acc[1]), t1 = _mm256_hadd_pd(acc[2], acc[3]);
     return _mm256_add_pd(_mm256_permute2f128_pd(t0, t1, 0x20), _mm256_permute2f128_pd(t0, t1, 0x31));
   }
-  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
-    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
+  static void pack_rows(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, step, n, images, dst, tw);
   }
 };
 

@@ -51,8 +51,8 @@ struct Avx512F32 {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
                                                _mm256_castps_pd(hi), 1));
   }
-  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
-    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
+  static void pack_rows(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, step, n, images, dst, tw);
   }
 };
 
@@ -93,8 +93,8 @@ struct Avx512F64 {
     }
     return _mm512_insertf64x4(_mm512_castpd256_pd512(q[0]), q[1], 1);
   }
-  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
-    impl::pack_rows_avx2(src, image_stride, n, images, dst, tw);
+  static void pack_rows(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst, int64_t tw) {
+    impl::pack_rows_avx2(src, image_stride, step, n, images, dst, tw);
   }
 };
 

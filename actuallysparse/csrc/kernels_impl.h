@@ -19,15 +19,16 @@
 namespace actuallysparse {
 namespace impl {
 
-// dst[i * tw + j] = src[j * image_stride + i] for i < n, j < images: one contiguous row of n
-// elements per image, written transposed into a batch tile of width tw (KernelTable::pack_rows),
+// dst[i * tw + j] = src[j * image_stride + i * step] for i < n, j < images: one row of n elements
+// per image, `step` apart, written transposed into a batch tile of width tw (KernelTable::pack_rows),
 // one image at a time. Internal linkage: each file's copy is compiled for its instruction set.
 namespace {
 template <typename T>
-inline void pack_rows_scalar(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
+inline void pack_rows_scalar(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst,
+                             int64_t tw) {
   for (int64_t j = 0; j < images; ++j) {
     const T* row = src + j * image_stride;
-    for (int64_t i = 0; i < n; ++i) dst[i * tw + j] = row[i];
+    for (int64_t i = 0; i < n; ++i) dst[i * tw + j] = row[i * step];
   }
 }
 }  // namespace
@@ -61,8 +62,9 @@ struct Lanes {
   static reg max(const reg& a, const reg& b) {  // NaN if either is
     reg r; for (int i = 0; i < L; ++i) r.v[i] = (a.v[i] != a.v[i] || a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;
   }
-  static void pack_rows(const T* src, int64_t image_stride, int64_t n, int64_t images, T* dst, int64_t tw) {
-    pack_rows_scalar(src, image_stride, n, images, dst, tw);
+  static void pack_rows(const T* src, int64_t image_stride, int64_t step, int64_t n, int64_t images, T* dst,
+                        int64_t tw) {
+    pack_rows_scalar(src, image_stride, step, n, images, dst, tw);
   }
 };
 

@@ -70,13 +70,15 @@ inline void pack_rows_transposed(const T* src, int64_t image_stride, int64_t n, 
     int64_t i = 0;
     for (; i + S <= n; i += S) pack_square<T, S, R>(rows, image_stride, i, dst, j, tw, load, transpose, store);
     i = half(rows, image_stride, i, n, dst, j, tw);
-    if (i < n) pack_rows_scalar(rows + i, image_stride, n - i, S, dst + i * tw + j, tw);
+    if (i < n) pack_rows_scalar(rows + i, image_stride, int64_t{1}, n - i, S, dst + i * tw + j, tw);
   }
-  if (j < images) pack_rows_scalar(src + j * image_stride, image_stride, n, images - j, dst + j, tw);
+  if (j < images) pack_rows_scalar(src + j * image_stride, image_stride, int64_t{1}, n, images - j, dst + j, tw);
 }
 
-inline void pack_rows_avx2(const float* src, int64_t image_stride, int64_t n, int64_t images, float* dst,
-                           int64_t tw) {
+// Rows whose elements are not contiguous (step > 1) take the plain loop.
+inline void pack_rows_avx2(const float* src, int64_t image_stride, int64_t step, int64_t n, int64_t images,
+                           float* dst, int64_t tw) {
+  if (step != 1) return pack_rows_scalar(src, image_stride, step, n, images, dst, tw);
   const auto half = [](const float* rows, int64_t image_stride, int64_t i, int64_t n, float* dst, int64_t j,
                        int64_t tw) {
     if (i + 4 > n) return i;
@@ -91,8 +93,9 @@ inline void pack_rows_avx2(const float* src, int64_t image_stride, int64_t n, in
       [](float* p, __m256 v) { _mm256_storeu_ps(p, v); }, half);
 }
 
-inline void pack_rows_avx2(const double* src, int64_t image_stride, int64_t n, int64_t images, double* dst,
-                           int64_t tw) {
+inline void pack_rows_avx2(const double* src, int64_t image_stride, int64_t step, int64_t n, int64_t images,
+                           double* dst, int64_t tw) {
+  if (step != 1) return pack_rows_scalar(src, image_stride, step, n, images, dst, tw);
   pack_rows_transposed<double, 4, __m256d>(
       src, image_stride, n, images, dst, tw, [](const double* p) { return _mm256_loadu_pd(p); }, transpose4d,
       [](double* p, __m256d v) { _mm256_storeu_pd(p, v); },
