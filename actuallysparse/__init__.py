@@ -8,9 +8,11 @@ Modules:
     pruning     magnitude pruning to a target sparsity (per layer or global)
     memory      bytes a module and its optimizer state really hold
     fusion      fuse_batchnorm (eval-mode BatchNorm folded into the layer before it), fuse_pooling
-                (max-pooling handed to the sparse convolution before it) and use_native_layers (the
-                library's pooling, batch norm and dropout in place of torch's)
-    pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU)
+                (max-pooling handed to the sparse convolution before it), use_native_layers (the
+                library's pooling, batch norm and dropout in place of torch's) and drop_identities
+                (the places the fusions leave, taken out)
+    pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU);
+                AdaptiveAvgPool2d: torch's, with no work where the input has the output's size
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
     dropout     Dropout: nn.Dropout with its mask drawn by one rand_like
     dynamic     sparse from the first step: make_sparse, SET and RigL
@@ -22,7 +24,7 @@ Modules:
 """
 from actuallysparse.conv import SparseConv2d
 from actuallysparse.converter import convert, convert_model
-from actuallysparse.fusion import fuse_batchnorm, fuse_pooling, use_native_layers
+from actuallysparse.fusion import drop_identities, fuse_batchnorm, fuse_pooling, use_native_layers
 from actuallysparse.layers import SparseLayer, prune_sparse_model, set_global_k
 from actuallysparse.memory import MemoryReport, stored_bytes
 from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
@@ -36,6 +38,7 @@ __all__ = [
     "convert_model",
     "fuse_batchnorm",
     "fuse_pooling",
+    "drop_identities",
     "use_native_layers",
     "prune_sparse_model",
     "set_global_k",

@@ -12,8 +12,9 @@ medians over ``--rounds`` with the lowest and highest round beside them:
   first and every linear layer pruned, at batch 64 and 1: dense, masked and sparse eager inference
   and SGD-momentum training steps; ``csr+native``, the sparse model with the library's pooling, batch norm and dropout
   (:func:`~actuallysparse.fusion.use_native_layers`) and, for inference, its batch norms folded
-  (:func:`~actuallysparse.fusion.fuse_batchnorm`) and its pooling handed to the convolutions
-  (:func:`~actuallysparse.fusion.fuse_pooling`): what the library makes of the whole model;
+  (:func:`~actuallysparse.fusion.fuse_batchnorm`), its pooling handed to the convolutions
+  (:func:`~actuallysparse.fusion.fuse_pooling`) and the places those leave taken out
+  (:func:`~actuallysparse.fusion.drop_identities`): what the library makes of the whole model;
   OpenVINO on the pruned model (dense, and with its sparse-weight decompression) when
   installed, and the bytes each holds while training with Adam (parameters, gradients, masks,
   Adam's moments).
@@ -38,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from actuallysparse.converter import convert, convert_model
-from actuallysparse.fusion import fuse_batchnorm, fuse_pooling, use_native_layers
+from actuallysparse.fusion import drop_identities, fuse_batchnorm, fuse_pooling, use_native_layers
 from actuallysparse.memory import MIB, stored_bytes
 from actuallysparse.pruning import prune_to_sparsity
 from actuallysparse.timing import (inference_call, openvino_builders, optimizer_step_call, ratio_cell,
@@ -209,6 +210,7 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int | None =
             folded = copy.deepcopy(models["csr+native"])
             fuse_batchnorm(folded)
             fuse_pooling(folded)
+            drop_identities(folded)
             calls = {name: inference_call(folded if name == "csr+native" else model, x)
                      for name, model in models.items()}
             builders = openvino_builders(_dense_copy(models["csr"]), x, torch.get_num_threads()) if peers else {}

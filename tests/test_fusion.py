@@ -7,7 +7,7 @@ import torch.nn.utils.prune
 from torch import nn
 
 from actuallysparse.converter import convert
-from actuallysparse.fusion import fuse_batchnorm, use_native_layers
+from actuallysparse.fusion import drop_identities, fuse_batchnorm, fuse_pooling, use_native_layers
 
 
 def _with_statistics(norm):
@@ -160,3 +160,22 @@ def test_pooling_after_a_sparse_convolution_is_handed_to_it(backend):
     assert fuse_pooling(model) == 0                                    # nothing left to hand over
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
+
+
+def test_dropping_identities_keeps_every_other_module_s_name_and_the_outputs(backend):
+    model = _model().eval()
+    model.insert(4, nn.Sequential(nn.Identity(), nn.AdaptiveAvgPool2d(4), nn.Identity()))
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    assert use_native_layers(model) == 4      # norm, its relu, the 2x2 pooling and the average pooling
+    assert fuse_batchnorm(model) == 2 and fuse_pooling(model) == 1
+    before = model.state_dict()
+    # the relu's place (the norm had it, then the convolution), the norm's, the pool's, two nested ones
+    # and the BatchNorm1d's at the end
+    assert drop_identities(model) == 6
+    assert not any(type(module) is nn.Identity for module in model.modules())
+    assert list(model._modules) == ["0", "4", "5", "6"] and list(model[1]._modules) == ["1"]
+    assert model.state_dict().keys() == before.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert drop_identities(model) == 0

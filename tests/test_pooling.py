@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actuallysparse.pooling import MaxPool2x2, max_pool2x2
+from actuallysparse.pooling import AdaptiveAvgPool2d, MaxPool2x2, max_pool2x2
 
 SHAPES = [(4, 3, 8, 6), (2, 5, 7, 9), (3, 6, 4), (1, 1, 2, 2), (2, 3, 33, 3), (64, 2, 4, 4)]
 
@@ -80,3 +80,23 @@ def test_the_native_kernel_refuses_what_it_cannot_pool():
     out, where = kernels.max_pool2x2(torch.zeros(1, 1, 4, 4))
     with pytest.raises(RuntimeError, match="an input of 6x4 pools to 3x2, but the output gradient is 2x2"):
         kernels.max_pool2x2_backward(out, where, 6, 4)
+
+
+@pytest.mark.parametrize("output_size, shape", [((1, 1), (2, 5, 1, 1)), (1, (5, 1, 1)), ((None, 3), (2, 5, 4, 3)),
+                                                 ((1, 1), (2, 5, 3, 3)), (2, (2, 5, 5, 4)), ((None, 1), (5, 2, 3))])
+def test_adaptive_average_pooling_equals_torch_s_and_skips_only_a_mean_of_single_elements(output_size, shape):
+    pool, reference = AdaptiveAvgPool2d(output_size), nn.AdaptiveAvgPool2d(output_size)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = pool(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    unchanged = tuple(out.shape) == shape
+    assert (out is x) == unchanged
+    torch.autograd.gradcheck(pool, (x,))
+    assert isinstance(pool, nn.AdaptiveAvgPool2d) and repr(pool) == repr(reference)
+
+
+def test_adaptive_average_pooling_leaves_other_inputs_to_torch():
+    with pytest.raises(IndexError, match="out of range"):
+        AdaptiveAvgPool2d(1)(torch.ones(3))
+    x = torch.ones(1, 1)                    # torch takes a 2-D input for one plane; so does the subclass
+    assert AdaptiveAvgPool2d(1)(x) is not x and AdaptiveAvgPool2d(1)(x).shape == (1, 1)

@@ -205,13 +205,14 @@ class NNIStructured(Method):
 
 class _TorchLayerLeaves(torch.fx.Tracer):
     """``torch.fx``'s tracer, with every pooling, batch norm and dropout layer a leaf: the harness's
-    VGG pools and normalises with subclasses of ``nn.MaxPool2d`` and ``nn.BatchNorm2d`` that fx
-    would otherwise trace into (autograd Functions it cannot trace), and drops out with a subclass
-    of ``nn.Dropout`` whose training-mode branch fx would bake into the graph; as leaves they are
-    nodes that NNI propagates masks through like the torch layers they are."""
+    VGG pools and normalises with subclasses of ``nn.MaxPool2d``, ``nn.AdaptiveAvgPool2d`` and
+    ``nn.BatchNorm2d`` that fx would otherwise trace into (autograd Functions and a branch on the
+    input's size, which it cannot trace), and drops out with a subclass of ``nn.Dropout`` whose
+    training-mode branch fx would bake into the graph; as leaves they are nodes that NNI
+    propagates masks through like the torch layers they are."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (nn.MaxPool2d, nn.BatchNorm2d, nn.Dropout))
+        return (isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d, nn.Dropout))
                 or super().is_leaf_module(module, qualified_name))
 
 
