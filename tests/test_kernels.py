@@ -186,6 +186,12 @@ def test_bad_environment_values(monkeypatch):
         monkeypatch.setenv(kernels.ISA_VARIABLE, "sse9")
         with pytest.raises(ValueError, match="ACTUALLYSPARSE_ISA"):
             kernels.isa()
+        # every product reads the variable at its call
+        with pytest.raises(ValueError, match="ACTUALLYSPARSE_ISA='sse9' is not an instruction set"):
+            kernels.forward(x, torch.zeros(0), None, crow, torch.zeros(0, dtype=torch.int32), 3)
+        if "avx2" in kernels.supported_isas():
+            monkeypatch.setenv(kernels.ISA_VARIABLE, " AVX2 ")
+            assert kernels.isa() == "avx2"
         missing = [isa for isa in kernels.ISAS if isa not in kernels.supported_isas()]
         if missing:
             monkeypatch.setenv(kernels.ISA_VARIABLE, missing[0])
