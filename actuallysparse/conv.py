@@ -12,6 +12,7 @@ from actuallysparse.functional import (InputOffsets, TransposedPattern, conv_out
 from actuallysparse.storage import SparseModule, check_k, check_positive, column_dtype_for
 
 PADDING_STRINGS = ("same", "valid")
+_GEOMETRY_ATTRIBUTES = frozenset({"kernel_size", "stride", "padding", "dilation"})
 
 
 def _pair(name: str, value, *, minimum: int) -> tuple[int, int]:
@@ -77,8 +78,16 @@ class SparseConv2d(SparseModule):
 
     _INFERENCE_CACHES = ("_offsets",)
     _offsets: InputOffsets | None = None
+    _geometry: tuple[int, ...] | None = None
     fused_relu = False
     fused_pool = False
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _GEOMETRY_ATTRIBUTES:
+            # what the products take, and the offsets made from it, follow a new setting
+            self._geometry = None
+            self._offsets = None
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", csr_mode=False, train_mode=True, k=0.05, *, device=None,
@@ -179,8 +188,13 @@ class SparseConv2d(SparseModule):
         return cache.offsets
 
     def geometry(self) -> tuple[int, ...]:
-        """The ten integers the products take: kernel, stride, dilation, padding (top, bottom, left, right)."""
-        return tuple(self.kernel_size) + tuple(self.stride) + tuple(self.dilation) + self._padding_sides()
+        """The ten integers the products take: kernel, stride, dilation, padding (top, bottom, left, right).
+
+        Kept until one of those settings changes: every call needs it, and building it took
+        half a microsecond, a few % of a small layer's call for one image."""
+        if self._geometry is None:
+            self._geometry = tuple(self.kernel_size) + tuple(self.stride) + tuple(self.dilation) + self._padding_sides()
+        return self._geometry
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H_out, W_out)`` for an input of ``height x width``."""

@@ -131,6 +131,23 @@ def test_evaluation_keeps_the_input_offsets_per_input_size_until_pattern_or_mode
     assert sparse._offsets is None
 
 
+@pytest.mark.parametrize("setting, value, expected", [("padding", (2, 0), dict(padding=(2, 0))),
+                                                      ("padding", "valid", dict(padding=0)),
+                                                      ("dilation", (2, 1), dict(padding=1, dilation=(2, 1))),
+                                                      ("stride", (2, 2), dict(padding=1, stride=2))])
+def test_a_changed_setting_changes_the_geometry_and_what_evaluation_kept(backend, setting, value, expected):
+    _, sparse = _masked_pair(3, 5, 3, 1, 1, 1, True)
+    sparse.eval()
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        sparse(x)                        # keeps the geometry, and on the native kernels the offsets
+        setattr(sparse, setting, value)
+        out = sparse(x)
+    assert sparse.geometry()[:6] == tuple(sparse.kernel_size) + tuple(sparse.stride) + tuple(sparse.dilation)
+    torch.testing.assert_close(out, F.conv2d(x, sparse.dense_weight(), sparse.bias.detach(), **expected),
+                               **_tolerance(torch.float64))
+
+
 def test_given_offsets_compute_what_the_call_would_and_bad_ones_are_named(backend):
     from actuallysparse import kernels
 
