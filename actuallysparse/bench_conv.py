@@ -11,10 +11,11 @@ medians over ``--rounds`` with the lowest and highest round beside them:
 * **model**: the whole VGG11_bn with its CIFAR head (32x32 input) with every convolution but the
   first and every linear layer pruned, at batch 64 and 1: dense, masked and sparse eager inference
   and SGD-momentum training steps; ``csr+native``, the sparse model with the library's pooling, batch norm and dropout
-  (:func:`~actuallysparse.fusion.use_native_layers`) and, for inference, its batch norms folded
-  (:func:`~actuallysparse.fusion.fuse_batchnorm`), its pooling handed to the convolutions
-  (:func:`~actuallysparse.fusion.fuse_pooling`) and the places those leave taken out
-  (:func:`~actuallysparse.fusion.drop_identities`): what the library makes of the whole model;
+  (:func:`~actuallysparse.fusion.use_native_layers`), each block's pooling handed to its norm
+  (:func:`~actuallysparse.fusion.fuse_pooling`) and, for inference, its batch norms folded into
+  the convolutions with their relu and pooling (:func:`~actuallysparse.fusion.fuse_batchnorm`)
+  and the places those leave taken out (:func:`~actuallysparse.fusion.drop_identities`): what
+  the library makes of the whole model;
   OpenVINO on the pruned model (dense, and with its sparse-weight decompression) when
   installed, and the bytes each holds while training with Adam (parameters, gradients, masks,
   Adam's moments).
@@ -171,6 +172,7 @@ def _pruned_models(sparsity: float, seed: int, width: float = 1.0) -> dict[str, 
         setattr(sparse.get_submodule(parent), child, layer)
     native = copy.deepcopy(sparse)
     use_native_layers(native)
+    fuse_pooling(native)  # each block's pooling to its norm, which pools as it normalises
     return {"dense": dense, "masked": masked, "csr": sparse, "csr+native": native}
 
 
@@ -209,7 +211,6 @@ def run_conv_model(sparsity: float = 0.9, batch: int = 64, repeats: int | None =
                 model.eval()
             folded = copy.deepcopy(models["csr+native"])
             fuse_batchnorm(folded)
-            fuse_pooling(folded)
             drop_identities(folded)
             calls = {name: inference_call(folded if name == "csr+native" else model, x)
                      for name, model in models.items()}

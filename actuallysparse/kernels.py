@@ -14,7 +14,8 @@ Plain functions with the same signatures as the pure-torch path in
   (``csrc/conv_impl.h``);
 * :func:`max_pool2x2` and :func:`max_pool2x2_backward`: 2x2, stride-2 max pooling (``csrc/pooling.cpp``);
 * :func:`batch_norm_train` and :func:`batch_norm_train_backward`: training-mode batch
-  normalisation of 4-D inputs (``csrc/normalization.cpp``).
+  normalisation of 4-D inputs (``csrc/normalization.cpp``); :func:`batch_norm_pool_train` and
+  its backward, the same with the output max-pooled as it is computed.
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -248,4 +249,24 @@ def batch_norm_train_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None
     needed. ``relu_output``: the output of a ``relu=True`` forward, through whose relu ``grad_out`` passes."""
     grads = _ops().batch_norm_train_backward(grad_out, x, weight, mean, invstd, need_input, need_weight, need_bias,
                                              relu_output)
+    return tuple(grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias)))
+
+
+def batch_norm_pool_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                          running_var: Tensor | None, momentum: float, eps: float, relu: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_train` whose output is max-pooled (2x2, stride 2) as it is computed:
+    ``(pooled, where, mean, invstd)``, ``where`` the winners as :func:`max_pool2x2` gives them; the
+    full output is never stored."""
+    return _ops().batch_norm_pool_train(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+
+
+def batch_norm_pool_train_backward(grad_out: Tensor, where: Tensor, pooled: Tensor, x: Tensor, weight: Tensor | None,
+                                   mean: Tensor, invstd: Tensor, need_input: bool, need_weight: bool,
+                                   need_bias: bool, relu: bool = False
+                                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_input, grad_weight, grad_bias)`` of :func:`batch_norm_pool_train` from the pooled
+    output's gradient; ``None`` for a gradient not needed."""
+    grads = _ops().batch_norm_pool_train_backward(grad_out, where, pooled, x, weight, mean, invstd, need_input,
+                                                  need_weight, need_bias, relu)
     return tuple(grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias)))

@@ -179,3 +179,36 @@ def test_dropping_identities_keeps_every_other_module_s_name_and_the_outputs(bac
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
     assert drop_identities(model) == 0
+
+
+def test_a_norm_takes_the_pooling_after_it_and_hands_it_on_when_folded(backend):
+    dense_block = [nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64),
+                   _with_statistics(nn.BatchNorm2d(4, dtype=torch.float64)), nn.ReLU(), nn.MaxPool2d(2)]
+    sparse_conv = convert(nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64), "csr")
+    sparse_conv.keep_entries(torch.rand(sparse_conv.nnz) < 0.4)
+    sparse_block = [sparse_conv, _with_statistics(nn.BatchNorm2d(6, dtype=torch.float64)), nn.ReLU(),
+                    nn.MaxPool2d(2)]
+    model = nn.Sequential(*dense_block, *sparse_block, nn.Flatten()).train()
+    reference = copy.deepcopy(model)
+    use_native_layers(model)
+    assert fuse_pooling(model) == 2
+    assert model[1].fused_pool and model[5].fused_pool and type(model[3]) is nn.Identity
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = model(x_ours), reference(x_ref)                   # training: batch statistics
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(model[4].values.grad, reference[4].values.grad)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    model.eval()
+    reference.eval()
+    assert fuse_batchnorm(model) == 2
+    # the sparse convolution writes relu and pooling with its output; the dense one is followed by both
+    assert model[4].fused_relu and model[4].fused_pool and type(model[5]) is nn.Identity
+    assert [type(module).__name__ for module in model[1]] == ["ReLU", "MaxPool2x2"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))

@@ -125,3 +125,68 @@ def test_fused_relu_gradients_of_every_order_match_the_dense_reference(backend):
 
     assert torch.autograd.gradcheck(normalise, (x, weight, bias))
     assert torch.autograd.gradgradcheck(normalise, (x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_fused_pool_computes_batch_norm_then_the_pooling(backend, dtype, relu):
+    ours, norm = _pair(6, dtype)
+    ours.fused_relu, ours.fused_pool = relu, True
+    reference = nn.Sequential(norm, *([nn.ReLU()] if relu else []), nn.MaxPool2d(2))
+    # odd sizes leave a row and a column no window covers; 2x2 planes are one window
+    for shape in [(8, 6, 5, 7), (16, 6, 2, 2), (4, 6, 8, 8)]:
+        out = _assert_same_step(ours, reference, torch.randn(*shape, dtype=dtype) * 3 + 1, norm)
+        assert out.shape == (shape[0], 6, shape[2] // 2, shape[3] // 2)
+    ours.eval()
+    reference.eval()
+    x = torch.randn(4, 6, 6, 4, dtype=dtype)
+    torch.testing.assert_close(ours(x), reference(x))
+    expected = ", fused_relu=True, fused_pool=True)" if relu else ", fused_pool=True)"
+    assert repr(ours) == repr(nn.BatchNorm2d(6)).replace(")", expected)
+
+
+def test_a_fused_pool_breaks_ties_and_passes_nan_as_max_pool2d(backend):
+    # constant planes normalise to ties everywhere (and, through the relu, to zeros); a NaN wins its window
+    ours, norm = _pair(3, torch.float64)
+    ours.fused_relu = ours.fused_pool = True
+    reference = nn.Sequential(norm, nn.ReLU(), nn.MaxPool2d(2))
+    data = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    data[:, 0] = 2.0
+    data[1, 1, 2:, :2] = torch.tensor([[1.0, 5.0], [5.0, 1.0]], dtype=torch.float64)
+    _assert_same_step(ours, reference, data, norm)
+    data[0, 2, 0, 1] = float("nan")
+    with torch.no_grad():
+        out, expected = ours(data), reference(data)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    assert out[0, 2, 0, 0].isnan()
+
+
+def test_fused_pool_gradients_of_every_order_match_the_dense_reference(backend):
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for relu in (True, False):
+        def normalise(x, weight, bias):
+            return batch_norm(x, None, None, weight, bias, training=True, relu=relu, pool=True)
+
+        assert torch.autograd.gradcheck(normalise, (x, weight, bias))
+        assert torch.autograd.gradgradcheck(normalise, (x, weight, bias))
+
+
+def test_a_fused_pool_refuses_planes_too_small_to_pool(backend):
+    with pytest.raises(ValueError, match=r"pool=True .* at least 2x2, got input shape \(4, 3, 1, 5\)"):
+        batch_norm(torch.zeros(4, 3, 1, 5), None, None, training=True, pool=True)
+
+
+def test_the_native_pooling_norm_refuses_what_it_cannot_compute():
+    from actuallysparse import kernels
+
+    if not kernels.is_available():
+        pytest.skip("the native kernels could not be built")
+    with pytest.raises(RuntimeError, match="needs planes of at least 2x2, got input \\[2, 3, 1, 4\\]"):
+        kernels.batch_norm_pool_train(torch.zeros(2, 3, 1, 4), None, None, None, None, 0.1, 1e-5)
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="must have the pooled shape \\[2, 3, 2, 2\\]"):
+        kernels.batch_norm_pool_train_backward(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2, dtype=torch.uint8),
+                                               torch.zeros(2, 3, 2, 2), x, None, torch.zeros(3), torch.ones(3),
+                                               True, False, False)

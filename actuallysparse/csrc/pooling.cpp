@@ -28,35 +28,6 @@ namespace {
 
 void check_pool_input(const at::Tensor& x, const char* what) { check_image_batch(x, "max pooling", what); }
 
-// Outputs handled together: the walk over windows copies their four inputs into four small
-// arrays, and the choice runs over those arrays as plain vector selects. Rows of VGG's later
-// blocks are 2 to 8 outputs long, too short for a loop over a row to vectorise: written per row
-// with branches, the pooling took 11 ns an output (the branches mispredict on activations),
-// against under 1 ns this way.
-constexpr int64_t kPoolChunk = 64;
-
-// Calls visit(k, top_left_offset) for the windows of planes [begin, end) of an (H, W) stack in
-// output order, k counting within chunks of kPoolChunk, and flush(first_output, count) after each
-// chunk; a plane's last row and column that no window covers are skipped.
-template <typename Visit, typename Flush>
-inline void walk_windows(int64_t begin, int64_t end, int64_t height, int64_t width, Visit&& visit, Flush&& flush) {
-  const int64_t out_h = height / 2, out_w = width / 2;
-  int64_t k = 0, first = begin * out_h * out_w;
-  for (int64_t plane = begin; plane < end; ++plane)
-    for (int64_t y = 0; y < out_h; ++y) {
-      const int64_t row = (plane * height + 2 * y) * width;
-      for (int64_t x = 0; x < out_w; ++x) {
-        visit(k, row + 2 * x);
-        if (++k == kPoolChunk) {
-          flush(first, k);
-          first += k;
-          k = 0;
-        }
-      }
-    }
-  if (k) flush(first, k);
-}
-
 template <typename T>
 void pool_planes(const T* __restrict in, T* __restrict out, uint8_t* __restrict codes, int64_t begin, int64_t end,
                  int64_t height, int64_t width) {
@@ -68,24 +39,7 @@ void pool_planes(const T* __restrict in, T* __restrict out, uint8_t* __restrict 
                  c[k] = in[at + width];
                  d[k] = in[at + width + 1];
                },
-               [&](int64_t first, int64_t n) {
-                 T* __restrict o = out + first;
-                 uint8_t* __restrict w = codes + first;
-                 for (int64_t k = 0; k < n; ++k) {
-                   // max_pool2d's rule: a later position wins when greater, or when it is NaN
-                   T m = a[k];
-                   uint8_t at = 0;
-                   const bool wins_b = (b[k] > m) | (b[k] != b[k]);
-                   m = wins_b ? b[k] : m;
-                   at = wins_b ? 1 : at;
-                   const bool wins_c = (c[k] > m) | (c[k] != c[k]);
-                   m = wins_c ? c[k] : m;
-                   at = wins_c ? 2 : at;
-                   const bool wins_d = (d[k] > m) | (d[k] != d[k]);
-                   o[k] = wins_d ? d[k] : m;
-                   w[k] = wins_d ? 3 : at;
-                 }
-               });
+               [&](int64_t first, int64_t n) { choose_winners(a, b, c, d, n, out + first, codes + first); });
 }
 
 template <typename T>
