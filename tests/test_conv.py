@@ -148,6 +148,26 @@ def test_a_changed_setting_changes_the_geometry_and_what_evaluation_kept(backend
                                **_tolerance(torch.float64))
 
 
+def test_a_transposed_pattern_pointing_outside_the_values_is_refused(backend):
+    from actuallysparse import kernels
+
+    if backend is not functional.NATIVE_BACKEND:
+        pytest.skip("the native backward gathers the values through the permutation itself")
+    _, sparse = _masked_pair(3, 4, 3, 1, 1, 1, False, dtype=torch.float32)
+    crow, col = sparse._pattern()
+    pattern = sparse._transposed_pattern()
+    x, grad = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+    values = sparse.values.detach()
+    expected = kernels.conv_backward(grad, x, values, crow, col, sparse.geometry(), True, False)[0]
+    torch.testing.assert_close(kernels.conv_backward(grad, x, values, crow, col, sparse.geometry(), True, False,
+                                                     pattern)[0], expected, **_tolerance(torch.float32))
+    bad = pattern.perm.clone()
+    bad[-1] = sparse.nnz
+    with pytest.raises(RuntimeError, match=f"perm must hold positions of the {sparse.nnz} non-zeros"):
+        kernels.conv_backward(grad, x, values, crow, col, sparse.geometry(), True, False,
+                              functional.TransposedPattern(pattern.crow, pattern.col, bad))
+
+
 def test_given_offsets_compute_what_the_call_would_and_bad_ones_are_named(backend):
     from actuallysparse import kernels
 
