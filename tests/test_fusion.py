@@ -20,6 +20,18 @@ def _with_statistics(norm):
     return norm
 
 
+def _same_training_step(model, reference, x):
+    """One forward (training mode: batch statistics) and backward of both on copies of ``x``: the
+    same outputs and input gradients."""
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = model(x_ours), reference(x_ref)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+
+
 def _model(conv_bias=True, affine=True):
     conv = convert(nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias, dtype=torch.float64), "csr")
     conv.keep_entries(torch.rand(conv.nnz) < 0.4)
@@ -113,13 +125,7 @@ def test_native_layers_take_torch_s_pooling_and_norms_and_compute_the_same(backe
     assert type(model[6]) is nn.BatchNorm1d
     assert model.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expected = model[:7](x_ours), reference[:7](x_ref)         # training mode: batch statistics
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    _same_training_step(model[:7], reference[:7], x)
     torch.testing.assert_close(model[1].weight.grad, reference[1].weight.grad)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     model.eval()
@@ -195,13 +201,7 @@ def test_a_norm_takes_the_pooling_after_it_and_hands_it_on_when_folded(backend):
     assert model[1].fused_pool and model[5].fused_pool and type(model[3]) is nn.Identity
     assert model.state_dict().keys() == reference.state_dict().keys()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expected = model(x_ours), reference(x_ref)                   # training: batch statistics
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    _same_training_step(model, reference, x)
     torch.testing.assert_close(model[4].values.grad, reference[4].values.grad)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
     model.eval()

@@ -125,28 +125,50 @@ inline void affine2_relu(const T* __restrict g, const T* __restrict y, const T* 
   for (int64_t i = 0; i < n; ++i) q[i] = passed(g[i], y[i]) * a + p[i] * b + c;
 }
 
-// Channel c's batch statistics: writes its mean and invstd, updates the running statistics (when
-// given) with `momentum`, the variance unbiased, as torch does, and returns the scale and shift
-// of its normalised output, x * scale + shift.
-template <typename T>
-std::pair<T, T> normalise_channel(const T* src, int64_t batch, int64_t channels, int64_t plane, int64_t c,
-                                  const T* weight, const T* bias, T* running_mean, T* running_var, double momentum,
-                                  double eps, T* mean, T* invstd) {
-  const int64_t count = batch * plane;
-  const T shift = src[c * plane];
-  double sum = 0, squares = 0;
-  for (int64_t n = 0; n < batch; ++n) add_shifted_sums(src + (n * channels + c) * plane, plane, shift, sum, squares);
-  const double centred = sum / count;
-  const double var = std::max(0.0, squares / count - centred * centred);
-  const double mu = double(shift) + centred;
-  const double inv = 1.0 / std::sqrt(var + eps);
-  mean[c] = T(mu);
-  invstd[c] = T(inv);
-  if (running_mean) running_mean[c] = T((1 - momentum) * double(running_mean[c]) + momentum * mu);
-  if (running_var) running_var[c] = T((1 - momentum) * double(running_var[c]) + momentum * var * count / (count - 1));
-  const double scale = inv * (weight ? double(weight[c]) : 1.0);
-  return {T(scale), T((bias ? double(bias[c]) : 0.0) - mu * scale)};
-}
+// What both forwards take and give besides their output: the checked per-channel weight, bias and
+// running statistics (undefined for none), and the batch's mean and invstd.
+struct NormStatistics {
+  at::Tensor weight, bias, running_mean, running_var, mean, invstd;
+  NormStatistics(const at::Tensor& x, const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& b,
+                 const c10::optional<at::Tensor>& rm, const c10::optional<at::Tensor>& rv) {
+    const int64_t channels = x.size(1);
+    const auto dtype = x.scalar_type();
+    weight = channel_vector(w, channels, dtype, "weight");
+    bias = channel_vector(b, channels, dtype, "bias");
+    running_mean = channel_vector(rm, channels, dtype, "running_mean");
+    running_var = channel_vector(rv, channels, dtype, "running_var");
+    mean = at::empty({channels}, x.options());
+    invstd = at::empty({channels}, x.options());
+  }
+
+  // Channel c's batch statistics over the (batch, channels, plane) input src: writes its mean and
+  // invstd, updates the running statistics (when given) with `momentum`, the variance unbiased, as
+  // torch does, and returns the scale and shift of its normalised output, x * scale + shift.
+  template <typename T>
+  std::pair<T, T> normalise_channel(const T* src, int64_t batch, int64_t plane, int64_t c, double momentum,
+                                    double eps) const {
+    const int64_t channels = mean.numel(), count = batch * plane;
+    const T shift = src[c * plane];
+    double sum = 0, squares = 0;
+    for (int64_t n = 0; n < batch; ++n) add_shifted_sums(src + (n * channels + c) * plane, plane, shift, sum, squares);
+    const double centred = sum / count;
+    const double var = std::max(0.0, squares / count - centred * centred);
+    const double mu = double(shift) + centred;
+    const double inv = 1.0 / std::sqrt(var + eps);
+    mean.data_ptr<T>()[c] = T(mu);
+    invstd.data_ptr<T>()[c] = T(inv);
+    if (running_mean.defined()) {
+      T& rm = running_mean.data_ptr<T>()[c];
+      rm = T((1 - momentum) * double(rm) + momentum * mu);
+    }
+    if (running_var.defined()) {
+      T& rv = running_var.data_ptr<T>()[c];
+      rv = T((1 - momentum) * double(rv) + momentum * var * count / (count - 1));
+    }
+    const double scale = inv * (weight.defined() ? double(weight.data_ptr<T>()[c]) : 1.0);
+    return {T(scale), T((bias.defined() ? double(bias.data_ptr<T>()[c]) : 0.0) - mu * scale)};
+  }
+};
 
 // Channel-parallel work: channels are few (16 to 512) and each holds N * H * W values.
 template <typename F>
@@ -155,6 +177,38 @@ void for_each_channel(int64_t channels, F&& body) {
     for (int64_t c = begin; c < end; ++c) body(c);
   });
 }
+
+// What both backwards take and give: the checked per-channel weight (undefined for none), mean and
+// invstd, and the three gradients, empty where not needed.
+template <typename T>
+struct NormPointers {
+  const T *weight, *mean, *invstd;
+  T *input_grad, *weight_grad, *bias_grad;  // null where not needed
+};
+
+struct NormGradients {
+  at::Tensor weight, mean, invstd, input_grad, weight_grad, bias_grad;
+  bool need_input, need_weight, need_bias;
+  NormGradients(const at::Tensor& x, const c10::optional<at::Tensor>& w, const at::Tensor& m, const at::Tensor& s,
+                bool need_input, bool need_weight, bool need_bias)
+      : need_input(need_input), need_weight(need_weight), need_bias(need_bias) {
+    const int64_t channels = x.size(1);
+    weight = channel_vector(w, channels, x.scalar_type(), "weight");
+    mean = channel_vector(m, channels, x.scalar_type(), "mean");
+    invstd = channel_vector(s, channels, x.scalar_type(), "invstd");
+    TORCH_CHECK(mean.defined() && invstd.defined(), "the saved mean and invstd are needed");
+    input_grad = at::empty(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
+    weight_grad = at::empty({need_weight ? channels : 0}, x.options());
+    bias_grad = at::empty({need_bias ? channels : 0}, x.options());
+  }
+  template <typename T>
+  NormPointers<T> pointers() const {
+    return {weight.defined() ? weight.data_ptr<T>() : nullptr, mean.data_ptr<T>(), invstd.data_ptr<T>(),
+            need_input ? input_grad.data_ptr<T>() : nullptr, need_weight ? weight_grad.data_ptr<T>() : nullptr,
+            need_bias ? bias_grad.data_ptr<T>() : nullptr};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() const { return {input_grad, weight_grad, bias_grad}; }
+};
 
 // Returns (y, mean, invstd) and updates running_mean and running_var in place (when given) with
 // `momentum`, the variance unbiased, as torch does. With `relu`, y is the normalised output's
@@ -169,25 +223,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
   const int64_t count = batch * plane;
   TORCH_CHECK(count > 1, "batch norm in training needs more than 1 value per channel, got input ", x.sizes());
   const auto dtype = x.scalar_type();
-  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
-  const at::Tensor b = channel_vector(bias, channels, dtype, "bias");
-  const at::Tensor rm = channel_vector(running_mean, channels, dtype, "running_mean");
-  const at::Tensor rv = channel_vector(running_var, channels, dtype, "running_var");
+  const NormStatistics stats(x, weight, bias, running_mean, running_var);
   at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({channels}, x.options());
-  at::Tensor invstd = at::empty({channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_train", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = y.data_ptr<scalar_t>();
-    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    scalar_t* rm_data = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
-    scalar_t* rv_data = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
-    scalar_t* mean_data = mean.data_ptr<scalar_t>();
-    scalar_t* invstd_data = invstd.data_ptr<scalar_t>();
     for_each_channel(channels, [&](int64_t c) {
-      const auto [s, t] = normalise_channel(src, batch, channels, plane, c, w_data, b_data, rm_data, rv_data,
-                                            momentum, eps, mean_data, invstd_data);
+      const auto [s, t] = stats.normalise_channel(src, batch, plane, c, momentum, eps);
       for (int64_t n = 0; n < batch; ++n) {
         const int64_t at = (n * channels + c) * plane;
         if (relu) {
@@ -198,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(
       }
     });
   });
-  return {y, mean, invstd};
+  return {y, stats.mean, stats.invstd};
 }
 
 // Gradients of batch_norm_train's output with respect to the input, weight and bias, given the
@@ -225,22 +267,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward(
   const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
   const int64_t count = batch * plane;
   const auto dtype = x.scalar_type();
-  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
-  const at::Tensor m = channel_vector(mean, channels, dtype, "mean");
-  const at::Tensor s = channel_vector(invstd, channels, dtype, "invstd");
-  TORCH_CHECK(m.defined() && s.defined(), "the saved mean and invstd are needed");
-  at::Tensor grad_x = at::empty(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
-  at::Tensor grad_w = at::empty({need_weight ? channels : 0}, x.options());
-  at::Tensor grad_b = at::empty({need_bias ? channels : 0}, x.options());
+  const NormGradients grads(x, weight, mean, invstd, need_input, need_weight, need_bias);
   AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_train_backward", [&] {
     const scalar_t* x_data = x.data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.data_ptr<scalar_t>();
-    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* mean_data = m.data_ptr<scalar_t>();
-    const scalar_t* invstd_data = s.data_ptr<scalar_t>();
-    scalar_t* dx_data = need_input ? grad_x.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dw_data = need_weight ? grad_w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* db_data = need_bias ? grad_b.data_ptr<scalar_t>() : nullptr;
+    const NormPointers<scalar_t> data = grads.pointers<scalar_t>();
+    const scalar_t *w_data = data.weight, *mean_data = data.mean, *invstd_data = data.invstd;
+    scalar_t *dx_data = data.input_grad, *dw_data = data.weight_grad, *db_data = data.bias_grad;
     const scalar_t* y_data = relu ? out.data_ptr<scalar_t>() : nullptr;
     for_each_channel(channels, [&](int64_t c) {
       const double mu = mean_data[c], inv = invstd_data[c];
@@ -271,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward(
       }
     });
   });
-  return {grad_x, grad_w, grad_b};
+  return grads.result();
 }
 
 // Planes [begin, end) of the pooled relu?(x * scale[c] + shift[c]), c each plane's channel: the
@@ -335,36 +368,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_pool_train
   TORCH_CHECK(batch * plane > 1, "batch norm in training needs more than 1 value per channel, got input ", x.sizes());
   TORCH_CHECK(height >= 2 && width >= 2, "pooling 2x2 windows needs planes of at least 2x2, got input ", x.sizes());
   const auto dtype = x.scalar_type();
-  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
-  const at::Tensor b = channel_vector(bias, channels, dtype, "bias");
-  const at::Tensor rm = channel_vector(running_mean, channels, dtype, "running_mean");
-  const at::Tensor rv = channel_vector(running_var, channels, dtype, "running_var");
+  const NormStatistics stats(x, weight, bias, running_mean, running_var);
   at::Tensor out = at::empty({batch, channels, height / 2, width / 2}, x.options());
   at::Tensor where = at::empty(out.sizes(), x.options().dtype(at::kByte));
-  at::Tensor mean = at::empty({channels}, x.options());
-  at::Tensor invstd = at::empty({channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_pool_train", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     uint8_t* codes = where.data_ptr<uint8_t>();
-    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b_data = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    scalar_t* rm_data = rm.defined() ? rm.data_ptr<scalar_t>() : nullptr;
-    scalar_t* rv_data = rv.defined() ? rv.data_ptr<scalar_t>() : nullptr;
-    scalar_t* mean_data = mean.data_ptr<scalar_t>();
-    scalar_t* invstd_data = invstd.data_ptr<scalar_t>();
     // the statistics channel by channel, then the pooled output in memory order
     std::vector<scalar_t> scale(channels), shift(channels);
     for_each_channel(channels, [&](int64_t c) {
-      std::tie(scale[c], shift[c]) = normalise_channel(src, batch, channels, plane, c, w_data, b_data, rm_data,
-                                                       rv_data, momentum, eps, mean_data, invstd_data);
+      std::tie(scale[c], shift[c]) = stats.normalise_channel(src, batch, plane, c, momentum, eps);
     });
     at::parallel_for(0, batch * channels, std::max<int64_t>(1, 32768 / plane), [&](int64_t begin, int64_t end) {
       normalise_and_pool_planes(src, dst, codes, begin, end, channels, height, width, scale.data(), shift.data(),
                                 relu);
     });
   });
-  return {out, where, mean, invstd};
+  return {out, where, stats.mean, stats.invstd};
 }
 
 // Gradients of batch_norm_pool_train, given the pooled output's gradient, the winners, the pooled
@@ -391,24 +412,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_pool_train_backward(
   const at::Tensor winners = where.contiguous();
   const int64_t plane = height * width, count = batch * plane;
   const auto dtype = x.scalar_type();
-  const at::Tensor w = channel_vector(weight, channels, dtype, "weight");
-  const at::Tensor m = channel_vector(mean, channels, dtype, "mean");
-  const at::Tensor s = channel_vector(invstd, channels, dtype, "invstd");
-  TORCH_CHECK(m.defined() && s.defined(), "the saved mean and invstd are needed");
-  at::Tensor grad_x = at::empty(need_input ? x.sizes() : at::IntArrayRef{0}, x.options());
-  at::Tensor grad_w = at::empty({need_weight ? channels : 0}, x.options());
-  at::Tensor grad_b = at::empty({need_bias ? channels : 0}, x.options());
+  const NormGradients grads(x, weight, mean, invstd, need_input, need_weight, need_bias);
   AT_DISPATCH_FLOATING_TYPES(dtype, "actuallysparse_batch_norm_pool_train_backward", [&] {
     const scalar_t* x_data = x.data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.data_ptr<scalar_t>();
     const scalar_t* y_data = y.data_ptr<scalar_t>();
     const uint8_t* codes = winners.data_ptr<uint8_t>();
-    const scalar_t* w_data = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* mean_data = m.data_ptr<scalar_t>();
-    const scalar_t* invstd_data = s.data_ptr<scalar_t>();
-    scalar_t* dx_data = need_input ? grad_x.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dw_data = need_weight ? grad_w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* db_data = need_bias ? grad_b.data_ptr<scalar_t>() : nullptr;
+    const NormPointers<scalar_t> data = grads.pointers<scalar_t>();
+    const scalar_t *w_data = data.weight, *mean_data = data.mean, *invstd_data = data.invstd;
+    scalar_t *dx_data = data.input_grad, *dw_data = data.weight_grad, *db_data = data.bias_grad;
     // the gradient reaching the winner of pooled output i
     auto reaching = [&](int64_t i) { return relu ? passed(dy_data[i], y_data[i]) : dy_data[i]; };
     const int64_t out_h = height / 2, out_w = width / 2, out_plane = out_h * out_w;
@@ -458,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_pool_train_backward(
       }
     });
   });
-  return {grad_x, grad_w, grad_b};
+  return grads.result();
 }
 
 }  // namespace
