@@ -345,6 +345,15 @@ void normalise_and_pool_planes(const T* __restrict x, T* __restrict out, uint8_t
                });
 }
 
+// Asks for the cache lines of the next plane of a channel (a plane apart by all the channels'
+// planes): each window reads its winner alone, one element of four, too sparse a stream for the
+// hardware's prefetcher.
+template <typename T>
+inline void prefetch_plane(const T* plane_start, int64_t plane) {
+  const char* bytes = reinterpret_cast<const char*>(plane_start);
+  for (int64_t at = 0; at < plane * int64_t(sizeof(T)); at += 64) __builtin_prefetch(bytes + at);
+}
+
 // Where window k's winner sits in the input: its top-left input `at` moved to the winning position.
 inline int64_t winner_at(int64_t at, uint8_t code, int64_t width) { return at + (code >> 1) * width + (code & 1); }
 
@@ -439,6 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_pool_train_backward(
       for (int64_t n = 0; n < batch; ++n) {
         const int64_t p = n * channels + c;
         const scalar_t* xp = x_data + p * plane;
+        if (n + 1 < batch) prefetch_plane(xp + channels * plane, plane);
         for (int64_t y = 0; y < out_h; ++y)
           for (int64_t i = 0; i < out_w; ++i) {
             const int64_t o = p * out_plane + y * out_w + i;
