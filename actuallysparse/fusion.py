@@ -73,8 +73,8 @@ def fuse_batchnorm(model: nn.Module) -> int:
             layer.fused_pool = layer.fused_pool or pool
             parent._modules[name] = nn.Identity()
         else:
-            kept = ([nn.ReLU(inplace=True)] if relu else []) + ([MaxPool2x2()] if pool else [])
-            parent._modules[name] = nn.Sequential(*kept) if len(kept) > 1 else (kept or [nn.Identity()])[0]
+            kept = ([nn.ReLU(inplace=True)] if relu else []) + ([MaxPool2x2()] if pool else []) or [nn.Identity()]
+            parent._modules[name] = kept[0] if len(kept) == 1 else nn.Sequential(*kept)
     return len(pairs)
 
 

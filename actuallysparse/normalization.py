@@ -22,35 +22,22 @@ from actuallysparse.pooling import max_pool2x2
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):  # noqa: D102
-        y, mean, invstd = kernels.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, relu)
-        # a fused relu's backward reads the output, as torch's relu does
-        ctx.save_for_backward(x, weight, bias, mean, invstd, y if relu else None)
-        ctx.eps = eps
-        ctx.relu = relu
-        return y
+    """Training-mode batch norm on the native kernel, through its relu with ``relu``, its output
+    max-pooled (2x2, stride 2) as it is computed with ``pool``."""
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        x, weight, bias, mean, invstd, y = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
-            grads = _differentiable_gradients(grad_out, x, weight, bias, ctx.eps, ctx.relu, needs)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, pool):  # noqa: D102
+        if pool:
+            # the pooled output says whether each window's winner passed the relu
+            out, where, mean, invstd = kernels.batch_norm_pool_train(x, weight, bias, running_mean, running_var,
+                                                                     momentum, eps, relu)
+            ctx.save_for_backward(x, weight, bias, mean, invstd, out, where)
         else:
-            grads = kernels.batch_norm_train_backward(grad_out, x, weight, mean, invstd, *needs, y)
-        return (*grads, None, None, None, None, None)
-
-
-class _BatchNormPoolTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):  # noqa: D102
-        out, where, mean, invstd = kernels.batch_norm_pool_train(x, weight, bias, running_mean, running_var, momentum,
-                                                                 eps, relu)
-        # the pooled output says whether each window's winner passed the relu
-        ctx.save_for_backward(x, weight, bias, mean, invstd, out, where)
-        ctx.eps = eps
-        ctx.relu = relu
+            out, mean, invstd = kernels.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                         relu)
+            # a fused relu's backward reads the output, as torch's relu does
+            ctx.save_for_backward(x, weight, bias, mean, invstd, out if relu else None, None)
+        ctx.eps, ctx.relu, ctx.pool = eps, relu, pool
         return out
 
     @staticmethod
@@ -58,11 +45,13 @@ class _BatchNormPoolTrain(torch.autograd.Function):
         x, weight, bias, mean, invstd, out, where = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: the gradients must be differentiable themselves
-            grads = _differentiable_gradients(grad_out, x, weight, bias, ctx.eps, ctx.relu, needs, pool=True)
+            grads = _differentiable_gradients(grad_out, x, weight, bias, ctx.eps, ctx.relu, needs, ctx.pool)
+        elif ctx.pool:
+            grads = kernels.batch_norm_pool_train_backward(grad_out, where, out, x, weight, mean, invstd, *needs,
+                                                           ctx.relu)
         else:
-            grads = kernels.batch_norm_pool_train_backward(grad_out.contiguous(), where, out, x, weight, mean, invstd,
-                                                           *needs, ctx.relu)
-        return (*grads, None, None, None, None, None)
+            grads = kernels.batch_norm_train_backward(grad_out, x, weight, mean, invstd, *needs, out)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _differentiable_gradients(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -112,8 +101,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         return max_pool2x2(out) if pool else out
     if input.numel() // input.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    function = _BatchNormPoolTrain if pool else _BatchNormTrain
-    return function.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu)
+    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps, relu, pool)
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -178,14 +178,14 @@ void for_each_channel(int64_t channels, F&& body) {
   });
 }
 
-// What both backwards take and give: the checked per-channel weight (undefined for none), mean and
-// invstd, and the three gradients, empty where not needed.
 template <typename T>
 struct NormPointers {
   const T *weight, *mean, *invstd;
   T *input_grad, *weight_grad, *bias_grad;  // null where not needed
 };
 
+// What both backwards take and give: the checked per-channel weight (undefined for none), mean and
+// invstd, and the three gradients, empty where not needed.
 struct NormGradients {
   at::Tensor weight, mean, invstd, input_grad, weight_grad, bias_grad;
   bool need_input, need_weight, need_bias;
