@@ -547,6 +547,22 @@ void run_conv_forward(const KernelTable<T>& table, const at::Tensor& packed, int
   });
 }
 
+int64_t lane_count(const std::string& isa, at::ScalarType dtype) {
+  return dtype == at::kDouble ? table_for<double>(isa).lanes : table_for<float>(isa).lanes;
+}
+
+// The instruction set of a single image's forward: on AVX-512, AVX2's where every output pixel
+// fits one of its vectors (a 2x2 output spans 6 lanes at its padded width of 4). There a 16-lane
+// load crosses a cache line at 8 of a 3x3 kernel's 9 taps, an 8-lane load at 2. Measured (AVX-512
+// EPYC, B=1, 0.9, the two in one process, interleaved, median of 15 rounds): VGG11's two
+// 512->512 @2x2 layers 125 -> 99 and 102 us; 4x4 outputs (22 lanes) ran alike on both, and wider
+// ones 5-16 % slower on AVX2, so they keep AVX-512.
+const std::string& single_image_isa(const std::string& isa, const ConvGeometry& g, at::ScalarType dtype) {
+  static const std::string avx2 = "avx2";
+  if (isa != "avx512" || !isa_supported(avx2)) return isa;
+  return conv_single_span(g.out_h, g.out_w, g.padded_w, g.sh) <= lane_count(avx2, dtype) ? avx2 : isa;
+}
+
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, at::IntArrayRef geometry,
                   const std::string& requested_isa, int64_t tile_vectors, const c10::optional<at::Tensor>& offsets,
@@ -568,7 +584,8 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   const int64_t batch = x.size(0);
   // one image with stride 1 along the width: vectors over the pixels of a row (tile width 1)
   const bool single = batch == 1 && g.sw == 1 && tile_vectors == 0;
-  const int64_t lanes = x.scalar_type() == at::kDouble ? table_for<double>(isa).lanes : table_for<float>(isa).lanes;
+  const std::string& kernel_isa = single ? single_image_isa(isa, g, x.scalar_type()) : isa;
+  const int64_t lanes = lane_count(kernel_isa, x.scalar_type());
   const int64_t tw = single ? 1 : conv_tile_width(batch, lanes, tile_vectors);
   // pooled as the forward writes where it can, else after it
   const bool pool_in_kernel = pool && conv_pools_in_kernel(tw, g);
@@ -577,7 +594,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   if (out.numel() == 0) return out;
   const at::Tensor off = offsets.has_value() ? *offsets : conv_offsets(col, g, true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d", [&] {
-    const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
+    const KernelTable<scalar_t> table = table_for<scalar_t>(kernel_isa);
     const at::Tensor packed = pack_padded<scalar_t>(table, x, tw, g);
     run_conv_forward<scalar_t>(table, packed, tw, batch, g, crow, col, off, vals.data_ptr<scalar_t>(),
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out, relu, pool_in_kernel);
