@@ -22,7 +22,8 @@ They take float32 or float64 CPU tensors and int32 indices. The sources are comp
 when set, else ``~/.cache/torch_extensions``); the first call builds them (about a minute on two
 cores), later processes load the cached library. The instruction set is the best the CPU has
 (``avx512``, ``avx2`` or ``scalar``) unless the environment variable ``ACTUALLYSPARSE_ISA``
-names one. Threads follow ``torch.get_num_threads()``.
+names one; with ``avx512``, a convolution of one image whose output fits one AVX2 vector (a 2x2
+output) runs AVX2's kernel, which is faster there. Threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
