@@ -14,7 +14,7 @@ Modules:
     pooling     MaxPool2x2: nn.MaxPool2d(2, 2) on the products' backends (a native kernel on the CPU);
                 AdaptiveAvgPool2d: torch's, with no work where the input has the output's size
     normalization  BatchNorm2d: nn.BatchNorm2d with its training mode on a native kernel
-    dropout     Dropout: nn.Dropout with its mask drawn by one rand_like
+    dropout     Dropout: nn.Dropout with its mask drawn on every thread by the native kernel
     dynamic     sparse from the first step: make_sparse, SET and RigL
     optim       keeping optimizers in step with pruned parameters
     functional  the sparse products and the one place that picks their backend

@@ -15,7 +15,9 @@ Plain functions with the same signatures as the pure-torch path in
 * :func:`max_pool2x2` and :func:`max_pool2x2_backward`: 2x2, stride-2 max pooling (``csrc/pooling.cpp``);
 * :func:`batch_norm_train` and :func:`batch_norm_train_backward`: training-mode batch
   normalisation of 4-D inputs (``csrc/normalization.cpp``); :func:`batch_norm_pool_train` and
-  its backward, the same with the output max-pooled as it is computed.
+  its backward, the same with the output max-pooled as it is computed;
+* :func:`dropout` and :func:`dropout_backward`: dropout with its mask drawn by a counter-based
+  generator from a given seed, on every thread (``csrc/dropout.cpp``).
 
 They take float32 or float64 CPU tensors and int32 indices. The sources are compiled by
 ``torch.utils.cpp_extension`` (ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``
@@ -40,7 +42,7 @@ ISA_VARIABLE = "ACTUALLYSPARSE_ISA"
 ISAS = ("avx512", "avx2", "scalar")
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("bindings.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "pooling.cpp",
-           "normalization.cpp")
+           "normalization.cpp", "dropout.cpp")
 EXTENSION_NAME = "actuallysparse_kernels"
 
 
@@ -271,3 +273,14 @@ def batch_norm_pool_train_backward(grad_out: Tensor, where: Tensor, pooled: Tens
     grads = _ops().batch_norm_pool_train_backward(grad_out, where, pooled, x, weight, mean, invstd, need_input,
                                                   need_weight, need_bias, relu)
     return tuple(grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias)))
+
+
+def dropout(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(out, keep)``: ``out = x * keep / (1 - p)``, each element kept (``keep``, uint8) with
+    probability ``1 - p`` (``0 <= p < 1``) by a draw that depends on ``seed`` and its position alone."""
+    return _ops().dropout(x, p, seed)
+
+
+def dropout_backward(grad: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """``grad * keep * scale``: the input gradient of :func:`dropout` (``scale = 1 / (1 - p)``)."""
+    return _ops().dropout_backward(grad, keep, scale)
