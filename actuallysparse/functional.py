@@ -20,9 +20,10 @@ backend convolves directly on the non-zeros, the torch backend scatters them int
 for ``F.conv2d``.
 
 The pruned models these layers sit in pool with 2x2 windows of stride 2 (VGG); pooling has two
-products too, ``max_pool2x2(x) -> (out, where)`` (``where``: uint8, which of its window's four
-positions, row-major, each output took) and ``max_pool2x2_backward(grad_out, where, height,
-width)``, on the same two backends (:mod:`actuallysparse.pooling` wraps them).
+products too, ``max_pool2x2(x, winners=True) -> (out, where)`` (``where``: uint8, which of its
+window's four positions, row-major, each output took; empty without ``winners``) and
+``max_pool2x2_backward(grad_out, where, height, width)``, on the same two backends
+(:mod:`actuallysparse.pooling` wraps them).
 
 Two backends provide them with these signatures: ``native``, the compiled CPU kernels of
 :mod:`actuallysparse.kernels` (float32/float64, int32 row pointers, int32 or int16 columns; ``dx``
@@ -258,10 +259,13 @@ def torch_conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tenso
     return grad_x, grad_values
 
 
-def torch_max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+def torch_max_pool2x2(x: Tensor, winners: bool = True) -> tuple[Tensor, Tensor]:
     """2x2, stride-2 max pooling of ``(N, C, H, W)`` and each window's winner (uint8: 0 top-left,
     1 top-right, 2 bottom-left, 3 bottom-right), with ``F.max_pool2d``'s choice on ties (the first
-    maximum in row-major order) and NaN (a NaN wins over any number)."""
+    maximum in row-major order) and NaN (a NaN wins over any number); without ``winners``, an
+    empty tensor in their place."""
+    if not winners:
+        return F.max_pool2d(x, 2).contiguous(), torch.empty(0, dtype=torch.uint8, device=x.device)
     height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     window = x[..., :height, :width]
     best = window[..., 0::2, 0::2]

@@ -65,15 +65,16 @@ def fuse_batchnorm(model: nn.Module) -> int:
         _fold(layer, norm)
         # A norm that computed its relu (use_native_layers) or pooled its output (fuse_pooling)
         # hands both to a sparse convolution, which writes them with its output; before a dense
-        # layer an in-place relu and the library's pooling take its place, on the layer's own
-        # output as the relu it took over was in a VGG (a copy costs a pass).
+        # layer the library's pooling and an in-place relu take its place. The relu follows the
+        # pooling, which it commutes with (the maximum is monotone, NaN stays NaN): on a quarter
+        # of the elements, in place on the pooling's own output (a copy costs a pass).
         relu, pool = getattr(norm, "fused_relu", False), getattr(norm, "fused_pool", False)
         if isinstance(layer, SparseConv2d):
             layer.fused_relu = layer.fused_relu or relu
             layer.fused_pool = layer.fused_pool or pool
             parent._modules[name] = nn.Identity()
         else:
-            kept = ([nn.ReLU(inplace=True)] if relu else []) + ([MaxPool2x2()] if pool else []) or [nn.Identity()]
+            kept = ([MaxPool2x2()] if pool else []) + ([nn.ReLU(inplace=True)] if relu else []) or [nn.Identity()]
             parent._modules[name] = kept[0] if len(kept) == 1 else nn.Sequential(*kept)
     return len(pairs)
 

@@ -225,9 +225,10 @@ def conv_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow: Tensor, col
     return (grad_x if need_input else None), (grad_values if need_values else None)
 
 
-def max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
-    """2x2, stride-2 max pooling of ``(N, C, H, W)``: the output and each window's winner (uint8, row-major)."""
-    return _ops().max_pool2x2(x)
+def max_pool2x2(x: Tensor, winners: bool = True) -> tuple[Tensor, Tensor]:
+    """2x2, stride-2 max pooling of ``(N, C, H, W)``: the output and each window's winner (uint8,
+    row-major), or without ``winners`` an empty tensor in their place (a faster pass)."""
+    return _ops().max_pool2x2(x, winners)
 
 
 def max_pool2x2_backward(grad_out: Tensor, where: Tensor, height: int, width: int) -> Tensor:

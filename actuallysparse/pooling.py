@@ -72,8 +72,8 @@ def max_pool2x2(x: Tensor) -> Tensor:
         raise ValueError(f"max_pool2x2 needs planes of at least 2x2, got {x.shape[-2]}x{x.shape[-1]}")
     if not functional.eager_reverse_mode_only(x):  # torch.func, forward mode, tracing: torch's own
         return F.max_pool2d(x, 2)
-    if not (torch.is_grad_enabled() and x.requires_grad):  # no graph to record: the kernel alone
-        return functional.backend_for(x).max_pool2x2(x.contiguous())[0]
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no graph to record: the maxima alone
+        return functional.backend_for(x).max_pool2x2(x.contiguous(), winners=False)[0]
     return _MaxPool2x2.apply(x)[0]
 
 

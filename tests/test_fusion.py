@@ -207,8 +207,9 @@ def test_a_norm_takes_the_pooling_after_it_and_hands_it_on_when_folded(backend):
     model.eval()
     reference.eval()
     assert fuse_batchnorm(model) == 2
-    # the sparse convolution writes relu and pooling with its output; the dense one is followed by both
+    # the sparse convolution writes relu and pooling with its output; the dense one is followed by
+    # both, the relu on the pooled output
     assert model[4].fused_relu and model[4].fused_pool and type(model[5]) is nn.Identity
-    assert [type(module).__name__ for module in model[1]] == ["ReLU", "MaxPool2x2"]
+    assert [type(module).__name__ for module in model[1]] == ["MaxPool2x2", "ReLU"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))

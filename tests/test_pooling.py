@@ -23,6 +23,24 @@ def test_outputs_and_gradients_equal_max_pool2d(backend, shape, dtype):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_without_a_graph_the_maxima_alone_equal_max_pool2d(backend, shape, dtype):
+    # no graph to record: the pass that keeps no winners (random data, many ties, NaN, -0.0 against 0.0)
+    data = torch.randn(*shape, dtype=dtype)
+    ties = torch.randint(0, 3, shape).to(dtype)
+    signed_zeros = torch.where(torch.rand(shape) < 0.5, -0.0, 0.0).to(dtype)
+    data.view(-1)[::7] = float("nan")
+    for x in (data, ties, signed_zeros):
+        with torch.no_grad():
+            out = max_pool2x2(x)
+        expected = F.max_pool2d(x, 2, 2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(out), torch.signbit(expected))
+    out, where = backend.max_pool2x2(data.reshape(-1, *shape[-3:]) if len(shape) == 3 else data, winners=False)
+    assert where.numel() == 0
+
+
 def test_nan_wins_its_window_as_in_max_pool2d(backend):
     data = torch.randn(2, 2, 4, 6)
     data[0, 0, 1, 1] = data[1, 1, 0, 0] = data[1, 1, 1, 1] = data[0, 1, 2, 5] = float("nan")

@@ -599,7 +599,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
     run_conv_forward<scalar_t>(table, packed, tw, batch, g, crow, col, off, vals.data_ptr<scalar_t>(),
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out, relu, pool_in_kernel);
   });
-  return pool && !pool_in_kernel ? std::get<0>(max_pool2x2(out)) : out;
+  return pool && !pool_in_kernel ? std::get<0>(max_pool2x2(out, false)) : out;
 }
 
 // First row of slice s when rows [0, n_rows) are cut into `slices` parts of about equal non-zeros.

@@ -42,6 +42,24 @@ void pool_planes(const T* __restrict in, T* __restrict out, uint8_t* __restrict 
                [&](int64_t first, int64_t n) { choose_winners(a, b, c, d, n, out + first, codes + first); });
 }
 
+// The maxima alone, for a forward that records no graph: a plain loop over each output row,
+// which the compiler vectorises (stride-2 loads and selects), where the walk above copies each
+// window into its chunk to choose and record the winner, about 1 ns an output. Measured on a
+// 64x64x32x32 batch (AVX-512 EPYC, 2 threads, median of 15 interleaved rounds): 0.94 ms with
+// winners, 0.42 ms without; 17.5 against 8.9 us for one image.
+template <typename T>
+void pool_planes_values(const T* __restrict in, T* __restrict out, int64_t begin, int64_t end, int64_t height,
+                        int64_t width) {
+  const int64_t out_h = height / 2, out_w = width / 2;
+  for (int64_t plane = begin; plane < end; ++plane)
+    for (int64_t y = 0; y < out_h; ++y) {
+      const T* __restrict top = in + (plane * height + 2 * y) * width;
+      const T* __restrict bottom = top + width;
+      T* __restrict row = out + (plane * out_h + y) * out_w;
+      for (int64_t x = 0; x < out_w; ++x) row[x] = window_max(top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]);
+    }
+}
+
 template <typename T>
 void unpool_planes(const T* __restrict grad_out, const uint8_t* __restrict codes, T* __restrict grad_in,
                    int64_t begin, int64_t end, int64_t height, int64_t width) {
@@ -87,19 +105,22 @@ int64_t plane_grain(int64_t height, int64_t width) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input, bool winners) {
   check_pool_input(input, "input");
   const at::Tensor x = input.contiguous();
   const int64_t planes = x.size(0) * x.size(1), height = x.size(2), width = x.size(3);
   at::Tensor out = at::empty({x.size(0), x.size(1), height / 2, width / 2}, x.options());
-  at::Tensor where = at::empty(out.sizes(), x.options().dtype(at::kByte));
+  at::Tensor where = at::empty(winners ? out.sizes() : at::IntArrayRef{0}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, where};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_max_pool2x2", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    uint8_t* codes = where.data_ptr<uint8_t>();
+    uint8_t* codes = winners ? where.data_ptr<uint8_t>() : nullptr;
     at::parallel_for(0, planes, plane_grain(height, width), [&](int64_t begin, int64_t end) {
-      pool_planes(src, dst, codes, begin, end, height, width);
+      if (winners)
+        pool_planes(src, dst, codes, begin, end, height, width);
+      else
+        pool_planes_values(src, dst, begin, end, height, width);
     });
   });
   return {out, where};
@@ -135,7 +156,7 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& wh
 }  // namespace actuallysparse
 
 TORCH_LIBRARY_FRAGMENT(actuallysparse_kernels, m) {
-  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2(Tensor x, bool winners=True) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor where, int height, int width) -> Tensor");
 }
 

@@ -38,6 +38,14 @@ inline void walk_windows(int64_t begin, int64_t end, int64_t height, int64_t wid
   if (k) flush(first, k);
 }
 
+// The maximum of one window's four inputs (row-major) by the rule choose_winners follows.
+template <typename T>
+inline T window_max(T a, T b, T c, T d) {
+  T m = (b > a) | (b != b) ? b : a;
+  m = (c > m) | (c != c) ? c : m;
+  return (d > m) | (d != d) ? d : m;
+}
+
 // The maxima of n windows whose four inputs are a[k] .. d[k] (row-major), and which position won:
 // max_pool2d's rule, a later position wins when greater, or when it is NaN (so the first of equal
 // maxima, and the last NaN).
@@ -60,7 +68,7 @@ inline void choose_winners(const T* a, const T* b, const T* c, const T* d, int64
 }
 
 // The pooled output of a CPU (batch, channels, height, width) tensor and each window's winner
-// (uint8, row-major: 0 top-left .. 3 bottom-right).
-std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input);
+// (uint8, row-major: 0 top-left .. 3 bottom-right), or without `winners` an empty tensor in its place.
+std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& input, bool winners = true);
 
 }  // namespace actuallysparse
