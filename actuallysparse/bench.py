@@ -198,8 +198,9 @@ def _with_weight(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 def header() -> str:
     """One line naming what the numbers were measured on: CPU, threads, torch, backend."""
     isa = kernels.isa() if kernels.is_available() else "unavailable"
-    return (f"CPU: {kernels.cpu_model()}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
-            f"native kernels: {isa}")
+    caches = kernels.cpu_caches()
+    return (f"CPU: {kernels.cpu_model()}{f' ({caches})' if caches else ''}; {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}; native kernels: {isa}")
 
 
 def format_table(records: list[dict]) -> str:

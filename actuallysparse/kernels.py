@@ -133,6 +133,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_caches() -> str:
+    """The CPU's family and model numbers and its data caches, one line (``family 26, model 2;
+    L1d 48K, L2 1024K, L3 32768K``, each cache's size as Linux's sysfs gives it for the first
+    CPU), or ``""`` where Linux does not say.
+
+    "AMD EPYC" names several generations whose kernels' speed differs with the cache that holds
+    a tile (Zen 3 has 512 KiB of L2 a core, Zen 4 and Zen 5 1 MiB): benchmarks print this beside
+    the model name.
+    """
+    numbers = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in numbers:
+                    numbers[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    parts = []
+    if numbers:
+        parts.append(", ".join(f"{'family' if key == 'cpu family' else key} {value}" for key, value in numbers.items()))
+    if caches:
+        parts.append(", ".join(caches))
+    return "; ".join(parts)
+
+
 @functools.cache
 def supported_isas() -> tuple[str, ...]:
     """The instruction sets this CPU can run, best first (loads the kernels; asked once, as every

@@ -9,6 +9,19 @@ from actuallysparse import bench, timing
 from actuallysparse.timing import time_interleaved
 
 
+def test_the_header_names_the_cpus_family_and_caches_where_linux_says(monkeypatch):
+    from pathlib import Path
+
+    from actuallysparse import kernels
+
+    line = bench.header()
+    if Path("/sys/devices/system/cpu/cpu0/cache/index2/size").exists():
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        assert f"L2 {size}" in line and "family " in line
+    monkeypatch.setattr(kernels, "cpu_caches", lambda: "")
+    assert bench.header().startswith(f"CPU: {kernels.cpu_model()}; ")
+
+
 def test_quick_benchmark_prints_all_variants(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     assert bench.main(["--quick", "--no-peers", "--csv", str(out)]) == 0
