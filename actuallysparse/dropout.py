@@ -50,10 +50,6 @@ class _ScaleKept(torch.autograd.Function):
         return _ScaleKept.apply(upstream, keep, ctx.scale), None, None
 
 
-def _runs_natively(x: Tensor) -> bool:
-    return functional.backend_for(x) is functional.NATIVE_BACKEND and functional.eager_reverse_mode_only(x)
-
-
 def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:  # noqa: A002 - F.dropout's name
     """``F.dropout(input, p, training)``: each element kept with probability ``1 - p`` and scaled
     by ``1 / (1 - p)``, from another random stream than torch's (drawn from torch's generator, so
@@ -70,7 +66,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:  # 
         return input
     if p == 1:
         return input * 0
-    if _runs_natively(input):
+    if functional.runs_natively(input):
         return _NativeDropout.apply(input, p)
     keep = torch.rand_like(input) >= p
     return input * keep.to(input.dtype).mul_(1 / (1 - p))

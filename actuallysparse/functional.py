@@ -732,6 +732,18 @@ def eager_reverse_mode_only(*tensors: Tensor | None) -> bool:
             and all(forward_ad.unpack_dual(t).tangent is None for t in present))
 
 
+def runs_natively(x: Tensor, *others: Tensor | None) -> bool:
+    """True where an operation on ``x`` (and ``others``, ``None`` skipped) can run on the native
+    kernels with a first-order Function: ``x`` goes to the native backend, the others share its
+    dtype and device and are contiguous, and only eager reverse-mode autograd can reach them
+    (:func:`eager_reverse_mode_only`)."""
+    if backend_for(x) is not NATIVE_BACKEND:
+        return False
+    present = [t for t in others if t is not None]
+    return (all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in present)
+            and eager_reverse_mode_only(x, *present))
+
+
 def _traced(x: Tensor) -> bool:
     """True while torch.compile or torch.export traces (fake or functional tensors, or dynamo)."""
     return torch.compiler.is_compiling() or (type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter))

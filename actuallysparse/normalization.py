@@ -70,14 +70,6 @@ def _differentiable_gradients(grad_out: Tensor, x: Tensor, weight: Tensor | None
     return tuple(next(grads) if need else None for need in needs)
 
 
-def _runs_natively(x: Tensor, *others: Tensor | None) -> bool:
-    if x.dim() != 4 or functional.backend_for(x) is not functional.NATIVE_BACKEND:
-        return False
-    present = [t for t in others if t is not None]
-    return (all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in present)
-            and functional.eager_reverse_mode_only(x, *present))
-
-
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                relu: bool = False, pool: bool = False) -> Tensor:
@@ -95,7 +87,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if pool and input.dim() == 4 and min(input.shape[-2:]) < 2:
         raise ValueError(f"batch_norm with pool=True pools 2x2 windows of its output and needs planes of at least "
                          f"2x2, got input shape {tuple(input.shape)}")
-    if not training or not _runs_natively(input, weight, bias, running_mean, running_var):
+    if not training or input.dim() != 4 or not functional.runs_natively(input, weight, bias, running_mean, running_var):
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         out = F.relu(out) if relu else out
         return max_pool2x2(out) if pool else out
