@@ -116,18 +116,29 @@ def is_available() -> bool:
     return True
 
 
+def _first_cpu_fields() -> dict[str, str]:
+    """The first processor's fields in Linux's ``/proc/cpuinfo`` (empty elsewhere)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux's ``/proc/cpuinfo``; ``platform.processor()`` elsewhere).
 
     Benchmarks print it beside every figure: speed ratios hold for one kind of CPU only.
     """
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    name = _first_cpu_fields().get("model name")
+    if name:
+        return name
     import platform
 
     return platform.processor() or platform.machine()
@@ -142,17 +153,8 @@ def cpu_caches() -> str:
     a tile (Zen 3 has 512 KiB of L2 a core, Zen 4 and Zen 5 1 MiB): benchmarks print this beside
     the model name.
     """
-    numbers = {}
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in numbers:
-                    numbers[key.strip()] = value.strip()
-                if not line.strip():
-                    break
-    except OSError:
-        pass
+    fields = _first_cpu_fields()
+    numbers = [f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model")) if key in fields]
     caches = []
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
@@ -161,12 +163,7 @@ def cpu_caches() -> str:
             continue
         if kind != "Instruction":
             caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
-    parts = []
-    if numbers:
-        parts.append(", ".join(f"{'family' if key == 'cpu family' else key} {value}" for key, value in numbers.items()))
-    if caches:
-        parts.append(", ".join(caches))
-    return "; ".join(parts)
+    return "; ".join(", ".join(part) for part in (numbers, caches) if part)
 
 
 @functools.cache

@@ -56,7 +56,8 @@ void pool_planes_values(const T* __restrict in, T* __restrict out, int64_t begin
       const T* __restrict top = in + (plane * height + 2 * y) * width;
       const T* __restrict bottom = top + width;
       T* __restrict row = out + (plane * out_h + y) * out_w;
-      for (int64_t x = 0; x < out_w; ++x) row[x] = window_max(top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]);
+      for (int64_t x = 0; x < out_w; ++x)
+        row[x] = window_max(top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]);
     }
 }
 

@@ -38,30 +38,35 @@ inline void walk_windows(int64_t begin, int64_t end, int64_t height, int64_t wid
   if (k) flush(first, k);
 }
 
-// The maximum of one window's four inputs (row-major) by the rule choose_winners follows.
+// max_pool2d's rule for a window's positions taken in row-major order: a later one wins when
+// greater than the best so far, or when it is NaN (so the first of equal maxima, and the last NaN).
 template <typename T>
-inline T window_max(T a, T b, T c, T d) {
-  T m = (b > a) | (b != b) ? b : a;
-  m = (c > m) | (c != c) ? c : m;
-  return (d > m) | (d != d) ? d : m;
+inline bool beats(T candidate, T best) {
+  return (candidate > best) | (candidate != candidate);
 }
 
-// The maxima of n windows whose four inputs are a[k] .. d[k] (row-major), and which position won:
-// max_pool2d's rule, a later position wins when greater, or when it is NaN (so the first of equal
-// maxima, and the last NaN).
+// The maximum of one window's four inputs (row-major), by that rule.
+template <typename T>
+inline T window_max(T a, T b, T c, T d) {
+  T m = beats(b, a) ? b : a;
+  m = beats(c, m) ? c : m;
+  return beats(d, m) ? d : m;
+}
+
+// The maxima of n windows whose four inputs are a[k] .. d[k] (row-major), and which position won.
 template <typename T>
 inline void choose_winners(const T* a, const T* b, const T* c, const T* d, int64_t n, T* __restrict out,
                            uint8_t* __restrict codes) {
   for (int64_t k = 0; k < n; ++k) {
     T m = a[k];
     uint8_t at = 0;
-    const bool wins_b = (b[k] > m) | (b[k] != b[k]);
+    const bool wins_b = beats(b[k], m);
     m = wins_b ? b[k] : m;
     at = wins_b ? 1 : at;
-    const bool wins_c = (c[k] > m) | (c[k] != c[k]);
+    const bool wins_c = beats(c[k], m);
     m = wins_c ? c[k] : m;
     at = wins_c ? 2 : at;
-    const bool wins_d = (d[k] > m) | (d[k] != d[k]);
+    const bool wins_d = beats(d[k], m);
     out[k] = wins_d ? d[k] : m;
     codes[k] = wins_d ? 3 : at;
   }
