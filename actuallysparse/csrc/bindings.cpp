@@ -201,6 +201,13 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& values, const c10::option
   return out;
 }
 
+// First row of slice s when rows [0, n_rows) are cut into `slices` parts of about equal non-zeros.
+int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s, int64_t slices) {
+  if (s == 0) return 0;
+  if (s == slices) return n_rows;
+  return std::lower_bound(crow, crow + n_rows + 1, (nnz * s) / slices) - crow;
+}
+
 // The gradients over W's rows. Work items are slices of W's rows with about
 // equal non-zeros, one per thread; each walks every batch tile, owns its rows' grad_values
 // and scatters the input gradient into its own accumulation tiles, which a second pass sums
@@ -247,10 +254,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
       const auto kernel = backward_kernel<scalar_t, I>(table);
       at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
-          const int64_t r0 = s == 0 ? 0
-              : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * s) / slices) - crow_data;
-          const int64_t r1 = s + 1 == slices ? n_rows
-              : std::lower_bound(crow_data, crow_data + n_rows + 1, (nnz * (s + 1)) / slices) - crow_data;
+          const int64_t r0 = slice_start(crow_data, n_rows, nnz, s, slices);
+          const int64_t r1 = slice_start(crow_data, n_rows, nnz, s + 1, slices);
           for (int64_t t = 0; t < n_tiles; ++t) {
             scalar_t* tile_acc = acc_data ? acc_data + (s * n_tiles + t) * in_features * tw : nullptr;
             if (tile_acc) std::fill(tile_acc, tile_acc + in_features * tw, scalar_t(0));
@@ -600,13 +605,6 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, n_rows, out, relu, pool_in_kernel);
   });
   return pool && !pool_in_kernel ? std::get<0>(max_pool2x2(out, false)) : out;
-}
-
-// First row of slice s when rows [0, n_rows) are cut into `slices` parts of about equal non-zeros.
-int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s, int64_t slices) {
-  if (s == 0) return 0;
-  if (s == slices) return n_rows;
-  return std::lower_bound(crow, crow + n_rows + 1, (nnz * s) / slices) - crow;
 }
 
 // The geometry of the input gradient as a convolution of the output gradient, when the layer's
