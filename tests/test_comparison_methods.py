@@ -1,6 +1,8 @@
 """Each method's prepare and pruning step on a narrow VGG11_bn: sparsity reached, layers still train."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -242,3 +244,14 @@ def test_nni_structured_speedup_computes_what_the_masked_model_computed():
     method.prune(model, 0.6, torch.optim.SGD(model.parameters(), lr=0.1))
     assert model[0].out_channels == 8 and model[2].out_channels < 8 and model[6].out_features < 16  # first conv kept
     torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-5)
+
+
+def test_importing_nni_prints_none_of_its_pytree_warnings():
+    # NNI is imported once per process, so a fresh one shows what a run's first NNI cell prints
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from comparison.methods.nni_masks import _nni\n"
+            "_nni('LevelPruner')\n"
+            "import nni.compression.speedup.utils  # imported: the warnings' source ran\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pytree" not in result.stderr, result.stderr

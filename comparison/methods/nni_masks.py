@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -26,7 +27,13 @@ def _nni(name: str) -> Any:
     else in the harness should depend on it being installed.
     """
     try:
-        from nni.compression import pruning, speedup
+        with warnings.catch_warnings():
+            # NNI 3.0 registers torch.fx's immutable collections through a pytree function torch
+            # has deprecated, over torch's own registration: four warnings at import that a user
+            # can do nothing about, printed across the progress bars
+            warnings.filterwarnings("ignore", message=".*_register_pytree_node", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*already registered as pytree node", category=UserWarning)
+            from nni.compression import pruning, speedup
     except ImportError as error:
         raise ImportError(
             f"the NNI methods need NNI 3.0 (`pip install 'nni>=3.0,<3.1'`); importing it failed: {error}"
