@@ -42,20 +42,24 @@ def _nni(name: str) -> Any:
     return getattr(pruning, name, None) or getattr(speedup, name)
 
 
-class _PoolingNeedsNoReplacer(logging.Filter):
-    """``ModelSpeedup`` logs an error for every leaf layer it has no replacer for; pooling keeps
-    its channels and needs none, so the harness's ``MaxPool2x2`` would print that error (a
-    paragraph) at every channel-pruning step."""
+class _NoReplacerNeeded(logging.Filter):
+    """``ModelSpeedup`` logs an error (a paragraph) for every leaf layer it has no replacer for, at
+    every channel-pruning step. The harness's ``MaxPool2x2`` and the ``nn.Identity`` left where a
+    batch norm computes the ReLU keep their channels and need none: 104 such paragraphs in the
+    default run."""
+
+    KEEP_CHANNELS = ("MaxPool2x2", "Identity")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "replacing module with type: MaxPool2x2" not in record.getMessage()
+        message = record.getMessage()
+        return not any(f"replacing module with type: {name}," in message for name in self.KEEP_CHANNELS)
 
 
 def _quiet_logger() -> logging.Logger:
     logger = logging.getLogger("comparison.nni_speedup")
     logger.setLevel(logging.ERROR)
-    if not any(isinstance(existing, _PoolingNeedsNoReplacer) for existing in logger.filters):
-        logger.addFilter(_PoolingNeedsNoReplacer())
+    if not any(isinstance(existing, _NoReplacerNeeded) for existing in logger.filters):
+        logger.addFilter(_NoReplacerNeeded())
     return logger
 
 
