@@ -45,8 +45,7 @@ def _nni(name: str) -> Any:
 class _NoReplacerNeeded(logging.Filter):
     """``ModelSpeedup`` logs an error (a paragraph) for every leaf layer it has no replacer for, at
     every channel-pruning step. The harness's ``MaxPool2x2`` and the ``nn.Identity`` left where a
-    batch norm computes the ReLU keep their channels and need none: 104 such paragraphs in the
-    default run."""
+    batch norm computes the ReLU keep their channels and need none; other layers still show."""
 
     KEEP_CHANNELS = ("MaxPool2x2", "Identity")
 
