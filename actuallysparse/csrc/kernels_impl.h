@@ -13,8 +13,9 @@
 // rows with 410 non-zeros each over 8192 columns: a 1 MiB tile at 4 vectors): 4 vectors ran the
 // forward, input gradient and value gradient at B=64 in 3.96, 7.58, 4.86 ms, 2 vectors in 5.28,
 // 7.86, 6.37 (each tile re-reads all of W). Walking each block of columns of W's rows in place
-// (a table of where each block starts in each row) lost 7-140 % in the backward, more with more
-// blocks, where the same blocks as separate compact matrices gained up to 20 %. The in-place walk
+// (a table of where each block starts in each row) was slower in the backward in 71 of 72
+// comparisons (AVX2 and AVX-512, B=64-256, 4096 and 8192 columns), by up to 140 % at 8 blocks,
+// where the same blocks as separate compact matrices gained up to 20 %. The in-place walk
 // reads W's values and indices with holes, the likely cause; a gain looks to need the values
 // stored block by block.
 // A batch of one row takes spmv instead: no padding to a vector of batch columns.
