@@ -520,6 +520,19 @@ def test_single_image_runs_of_every_length(backend, dtype):
             torch.testing.assert_close(sparse(x), dense(x), **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_image_whose_planes_outgrow_l1(backend, dtype):
+    # 1024 channels of 6x6 padded planes (144-288 KiB): the single-image forward walks them in
+    # blocks that fit L1 (partial sums kept between blocks), plain, dilated and row-strided; 37
+    # output channels fill two chunks and part of a third; with the bias and a fused ReLU.
+    for stride, dilation, pad in ((1, 1, 1), (1, 2, 2), ((2, 1), 1, 1)):
+        dense, sparse = _masked_pair(1024, 37, 3, stride, pad, dilation, True, dtype=dtype, density=0.05)
+        sparse.fused_relu = True
+        x = torch.randn(1, 1024, 4, 4, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), F.relu(dense(x)), **_tolerance(dtype))
+
+
 def test_a_row_too_wide_for_16_bit_columns_keeps_int32_and_computes_alike(backend):
     # 3641 channels x 3 x 3 = 32769 columns: the last does not fit int16
     dense, sparse = _masked_pair(3641, 2, 3, 1, 1, 1, True, density=0.01)

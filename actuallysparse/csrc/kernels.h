@@ -120,6 +120,7 @@ struct ConvArgs {
   const int32_t* pixel_base; // (out_h * out_w,) input row of each output pixel's window: y*sh*Wp + x*sw
   const uint16_t* off16;     // or null: the offsets as 16 bits, which hold them when C * Hp * Wp <= 65536
   int single_vectors;        // tile width 1: vectors a run (conv_single_vectors)
+  int64_t single_block;      // tile width 1: packed rows (channels * Hp * Wp) a channel block spans, 0: all
   bool relu;                 // write max(output, 0)
   int64_t pixel_block;       // output pixels an item covers: kConvPixelBlock, or conv_pool_block with pool
   bool pool;                 // write the 2x2 max-pool of the output: out is (batch, out_channels, out_h/2, out_w/2)
