@@ -86,12 +86,6 @@ inline typename V::reg gather_at(const typename V::T* base, const I* idx) {
   else return V::gather(base, idx);
 }
 
-// A request to bring the cache lines of [p, p + bytes) into L1 (a prefetch never faults).
-template <int kBytes, typename E>
-inline void prefetch_lines(const E* p) {
-  for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 3);
-}
-
 // Non-zeros ahead of the one in use whose values and indices spmv asks for. W streams from
 // memory once a call, which the hardware's prefetchers alone did not keep busy: measured (Intel
 // Xeon with AVX-512, 4096x4096 at 0.9, B=1, W evicted by a 256 MB sweep before each call, median
@@ -114,8 +108,8 @@ void spmv(const SpmmArgs<typename V::T, I>& a, int64_t row_begin, int64_t row_en
     const int32_t end = a.crow[r + 1];
     for (; k + 2 * L <= end; k += 2 * L) {
       if (k <= prefetch_last) {
-        prefetch_lines<2 * L * sizeof(T)>(a.values + k + kSpmvPrefetchAhead);
-        prefetch_lines<2 * L * sizeof(I)>(a.col + k + kSpmvPrefetchAhead);
+        prefetch_range(a.values + k + kSpmvPrefetchAhead, a.values + k + kSpmvPrefetchAhead + 2 * L);
+        prefetch_range(a.col + k + kSpmvPrefetchAhead, a.col + k + kSpmvPrefetchAhead + 2 * L);
       }
       acc0 = V::fmadd(V::loadu(a.values + k), gather_at<V>(x, a.col + k), acc0);
       acc1 = V::fmadd(V::loadu(a.values + k + L), gather_at<V>(x, a.col + k + L), acc1);
