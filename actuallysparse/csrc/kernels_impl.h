@@ -139,11 +139,12 @@ void backward_one(const BackwardArgs<T, I>& a, int64_t row_begin, int64_t row_en
 
 // A batch tile of NV vectors: each row of W passes once over the whole packed tile. Splitting
 // W's columns into two or four slices, each swept over all rows with its partial sums added into
-// the output, so that the slice of the tile in use fits half of L2, lost at every batch where a
-// tile the size of L2 was thought to bound it: on a Zen 4 EPYC (L2 1 MiB, which the AVX-512 tile
-// of a 4096-column layer fills), 4096x4096 at 0.9, 2 threads, dense ÷ ours over three alternating
-// processes, B=64 went 5.6-8.8x (one sweep) -> 4.7-5.3x (two) -> 4.3-5.0x (four) and B=256
-// 5.0-6.0x -> 3.7-4.8x -> 3.8x; with AVX2 (a 512 KiB tile) B=64 5.9-6.2x -> 4.7-4.9x -> 3.8-4.6x.
+// the output so that the slice of the tile in use fits half of L2, was slower at every batch
+// measured, so a tile as large as L2 does not bound this loop: on a Zen 4 EPYC (L2 1 MiB, which
+// the AVX-512 tile of a 4096-column layer fills), 4096x4096 at 0.9, 2 threads, dense ÷ ours over
+// three alternating processes, B=64 went 5.6-8.8x (one sweep) -> 4.7-5.3x (two) -> 4.3-5.0x
+// (four) and B=256 5.0-6.0x -> 3.7-4.8x -> 3.8x; with AVX2 (a 512 KiB tile) B=64 5.9-6.2x ->
+// 4.7-4.9x -> 3.8-4.6x.
 template <typename V, int NV, typename I>
 void spmm_nv(const SpmmArgs<typename V::T, I>& a, int64_t tile, int64_t row_begin, int64_t row_end) {
   using T = typename V::T;
