@@ -426,7 +426,9 @@ at::Tensor pixel_bases(const ConvGeometry& g, const at::TensorOptions& options) 
 // within 64 KiB, the backward a block's whole padded planes within 128 KiB (both in L2). Measured
 // in one process on VGG11's CIFAR layers at 0.9, B=64 (AMD EPYC, AVX2, 2 threads; sum over the six
 // layers): forward 38 ms at 64 KiB against 52 at 16 KiB, 42 at 256 KiB and 44 unblocked; input
-// gradient 48 ms at 128 KiB against 56 unblocked, value gradient 34 against 40.
+// gradient 48 ms at 128 KiB against 56 unblocked, value gradient 34 against 40. Smaller backward
+// blocks slowed the value gradient (AMD EPYC Zen 4, AVX-512, the budget switched between calls in
+// one process: 25.4 ms at 128 KiB against 26.0, 26.4, 27.8, 29.7 and 30.1 at 64, 32, 16, 8 and 4).
 constexpr int64_t kForwardBlockBytes = 64 << 10;
 constexpr int64_t kBackwardBlockBytes = 128 << 10;
 

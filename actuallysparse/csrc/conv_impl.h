@@ -40,7 +40,22 @@
 // - one image (stride 1 along the width) takes conv_forward_single, vectors over output pixels:
 //   at B=1, 0.9, against batch tiles of one vector (7 of 8 lanes idle), 0.72 vs 2.26 ms at 64->128
 //   @32, 0.28 vs 0.64 @8, 1.64 vs 2.04 @4 and 1.45 vs 2.00 @2 (dense: 1.48, 0.42, 1.12, 1.93).
-// Not tried: keeping the forward's packed input for the backward (it is packed twice).
+// Tried and dropped (AMD EPYC Zen 4, AVX-512, B=64, 0.9, VGG11's six layer shapes; both variants
+// in one build and one process, calls interleaved, fastest of 15 to 25 each):
+// - the value gradient in the forward's loop order (per channel block and tile, each group of
+//   pixels' output gradient held in registers for each channel of a chunk of 16 in turn, the
+//   input rows the group reads staying in L1 across the chunk, a vector of partial sums per
+//   non-zero in memory): 30.4 against 30.1 ms on two threads, 49.3 against 49.3 on one; faster
+//   at 4x4 and 2x2, slower at 16x16.
+// - the forward's sums left tile-major and written out afterwards by 8x8 register transposes,
+//   each image's rows whole: 19.1 against 18.6 ms. The stores cost about a third of the 64->128
+//   @16x16 layer's forward (timed with the output not written), but that is the output's memory,
+//   not the transposition: streaming stores and asking for the output's lines ahead gained
+//   nothing either.
+// - keeping the forward's packed input for the backward (it is packed twice): both packings of
+//   the value gradient take about 2.3 ms of its 25 (the six layers with one non-zero each), of
+//   which a kept copy would save the input's part for one more input-sized tensor held from
+//   forward to backward. Not done.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -347,7 +347,9 @@ void normalise_and_pool_planes(const T* __restrict x, T* __restrict out, uint8_t
 
 // Asks for the cache lines of the next plane of a channel (a plane apart by all the channels'
 // planes): each window reads its winner alone, one element of four, too sparse a stream for the
-// hardware's prefetcher.
+// hardware's prefetcher. The passes that read whole planes (the statistics, the input gradient)
+// gained nothing from it (AMD EPYC Zen 4, B=64, VGG11's five pooled blocks, interleaved in one
+// process: forward 4.50 against 4.39 ms, backward 6.77 against 6.72).
 template <typename T>
 inline void prefetch_plane(const T* plane_start, int64_t plane) {
   const char* bytes = reinterpret_cast<const char*>(plane_start);
