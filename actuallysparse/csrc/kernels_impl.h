@@ -144,7 +144,12 @@ void backward_one(const BackwardArgs<T, I>& a, int64_t row_begin, int64_t row_en
 // the AVX-512 tile of a 4096-column layer fills), 4096x4096 at 0.9, 2 threads, dense ÷ ours over
 // three alternating processes, B=64 went 5.6-8.8x (one sweep) -> 4.7-5.3x (two) -> 4.3-5.0x
 // (four) and B=256 5.0-6.0x -> 3.7-4.8x -> 3.8x; with AVX2 (a 512 KiB tile) B=64 5.9-6.2x ->
-// 4.7-4.9x -> 3.8-4.6x.
+// 4.7-4.9x -> 3.8-4.6x. Nor did tiles of two vectors, which keep the tile within half of L2 where
+// four fill it (the cap switched between calls in one process, same CPU and layer, fastest of 11):
+// with AVX-512, two vectors ran the forward 2-4 % faster at 0.9 and both gradients alike (four
+// against two: 7.0 and 7.2 ms at B=64, 28.0 and 27.8 at B=256); with AVX2 (512 KiB against 256,
+// a Zen 3's whole L2 against half of it), four vectors ran both gradients in 7.4 ms against 8.5
+// at B=64, 14.8 against 16.9 at B=128 and 29.3 against 33.2 at B=256.
 template <typename V, int NV, typename I>
 void spmm_nv(const SpmmArgs<typename V::T, I>& a, int64_t tile, int64_t row_begin, int64_t row_end) {
   using T = typename V::T;
