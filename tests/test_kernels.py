@@ -108,6 +108,24 @@ def test_gradcheck(backend, batch, column_dtype):
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [2, 70])
+def test_input_gradient_by_row_slices_and_by_tiles(backend, threads, batch):
+    # the native backward takes the input gradient by batch tiles where there are as many as
+    # threads, else by slices of W's rows: both partitions, whatever the machine's thread count
+    dense, crow, col, values = _pattern(40, 300, 0.3, torch.float64)
+    grad_out = torch.randn(batch, 40, dtype=torch.float64)
+    x = torch.randn(batch, 300, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_x, grad_values = backend.backward(grad_out, x, values, crow, col, None, None, None, True, True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(grad_x, grad_out @ dense, **_tolerance(torch.float64))
+    torch.testing.assert_close(grad_values, (grad_out.T @ x)[dense != 0], **_tolerance(torch.float64))
+
+
 @pytest.mark.parametrize("fmt", ["coo", "csr"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_layer_matches_masked_dense(backend, fmt, dtype, sparse_pair):
