@@ -111,8 +111,9 @@ def test_gradcheck(backend, batch, column_dtype):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [2, 70])
 def test_input_gradient_by_row_slices_and_by_tiles(backend, threads, batch):
-    # the native backward takes the input gradient by batch tiles where there are as many as
-    # threads, else by slices of W's rows: both partitions, whatever the machine's thread count
+    # the native backward takes the input gradient by batch tiles where they share out evenly
+    # over the threads, else by slices of W's rows: both partitions, whatever the machine's
+    # thread count (one thread always takes tiles, two threads with one tile take row slices)
     dense, crow, col, values = _pattern(40, 300, 0.3, torch.float64)
     grad_out = torch.randn(batch, 40, dtype=torch.float64)
     x = torch.randn(batch, 300, dtype=torch.float64)

@@ -213,9 +213,10 @@ int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s,
 // The gradients over W's rows. The value gradient's work items are slices of W's rows with about
 // equal non-zeros, one per thread; each walks every batch tile and owns its rows' grad_values.
 // The input gradient is scattered into accumulation tiles of the input's layout, written
-// transposed into grad_x at the end: with at least as many batch tiles as threads, each item is
-// a tile and walks all of W's rows into its own accumulation tile; otherwise the items are the
-// row slices, each with its own tiles, summed at the end. By tiles, that sum is gone, each
+// transposed into grad_x at the end: where the batch tiles share out evenly over the threads
+// (every tile costs the same, full or not), each item is a tile and walks all of W's rows into
+// its own accumulation tile; otherwise the items are the row slices, each with its own tiles,
+// summed at the end. By tiles, that sum is gone, each
 // thread's accumulation tile is its own, and the tiles take half the bytes. Measured against row
 // slices for both (AMD EPYC Zen 4, 2 threads, 4096x4096, both gradients, the two in one build and
 // process, calls interleaved, fastest of 11): with AVX2 (two tiles from B=64) 6.93 -> 6.82 ms at
@@ -252,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
     const at::Tensor packed_cols = need_values ? pack<scalar_t>(table, x, tw) : at::Tensor();
     const int64_t n_tiles = packed_rows.size(0);
     const int64_t threads = at::get_num_threads();
-    const bool input_by_tiles = need_input && n_tiles >= threads;
+    const bool input_by_tiles = need_input && n_tiles % threads == 0;
     const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
     const int64_t acc_slices = input_by_tiles ? 1 : slices;
     // zeroed tile by tile just before each is scattered into (see the convolution's backward)

@@ -53,9 +53,9 @@
 //   not the transposition: streaming stores and asking for the output's lines ahead gained
 //   nothing either.
 // - keeping the forward's packed input for the backward (it is packed twice): both packings of
-//   the value gradient take about 2.3 ms of its 25 (the six layers with one non-zero each), of
-//   which a kept copy would save the input's part for one more input-sized tensor held from
-//   forward to backward. Not done.
+//   the value gradient take about 2.3 ms of its 25 (the six layers with one non-zero each); a
+//   kept copy would save the input's part of that at the cost of one more input-sized tensor
+//   held from forward to backward. Not done.
 #pragma once
 #include <cstdint>
 #include <cstring>
