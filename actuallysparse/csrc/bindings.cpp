@@ -224,7 +224,10 @@ int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s,
 // 5.45 -> 4.82 at 0.99; with AVX-512 (two tiles from B=128) 16.3 -> 15.2 and 30.1 -> 28.3 at 0.9,
 // 2.07 -> 1.96 and 5.12 -> 4.58 at 0.99, where a first run had read 0.9 at 0.98x and 0.96x and
 // 0.99 at 1.12x both (unchanged paths differed by up to 16 % in that run). 512x4096 gained up to
-// 1.6x at 0.99, 4096x512 ran level.
+// 1.6x at 0.99, 4096x512 ran level. Narrower tiles for the input gradient alone where the batch's
+// tiles do not share out (one tile of 64 on two threads with AVX-512; the output gradient packed
+// again at half the width) were mixed on the same CPU: 0.96-0.98x for 4096x4096 at B=64, 0.80-0.92x
+// for 4096x512, up to 1.8x for 512x4096; not taken.
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                             const at::Tensor& values, const at::Tensor& crow,
                                             const at::Tensor& col, bool need_input, bool need_values,
