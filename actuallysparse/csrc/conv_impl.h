@@ -50,8 +50,9 @@
 // - the forward's sums left tile-major and written out afterwards by 8x8 register transposes,
 //   each image's rows whole: 19.1 against 18.6 ms. The stores cost about a third of the 64->128
 //   @16x16 layer's forward (timed with the output not written), but that is the output's memory,
-//   not the transposition: streaming stores and asking for the output's lines ahead gained
-//   nothing either.
+//   not the transposition: streaming stores, asking for the output's lines ahead, and writing an
+//   item's output image by image across its channels (so one image's planes, 64 KiB apart, do not
+//   crowd one cache set) gained nothing either (the last 18.5 against 18.8 ms).
 // - keeping the forward's packed input for the backward (it is packed twice): both packings of
 //   the value gradient take about 2.3 ms of its 25 (the six layers with one non-zero each); a
 //   kept copy would save the input's part of that at the cost of one more input-sized tensor
