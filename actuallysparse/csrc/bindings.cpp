@@ -211,23 +211,22 @@ int64_t slice_start(const int32_t* crow, int64_t n_rows, int64_t nnz, int64_t s,
 }
 
 // The gradients over W's rows. The value gradient's work items are slices of W's rows with about
-// equal non-zeros, one per thread; each walks every batch tile and owns its rows' grad_values.
-// The input gradient is scattered into accumulation tiles of the input's layout, written
-// transposed into grad_x at the end: where the batch tiles share out evenly over the threads
-// (every tile costs the same, full or not), each item is a tile and walks all of W's rows into
-// its own accumulation tile; otherwise the items are the row slices, each with its own tiles,
-// summed at the end. By tiles, that sum is gone, each
-// thread's accumulation tile is its own, and the tiles take half the bytes. Measured against row
-// slices for both (AMD EPYC Zen 4, 2 threads, 4096x4096, both gradients, the two in one build and
-// process, calls interleaved, fastest of 11): with AVX2 (two tiles from B=64) 6.93 -> 6.82 ms at
-// B=64, 14.4 -> 13.8 at B=128 and 28.9 -> 27.5 at B=256 at 0.9, 1.55 -> 1.33, 2.69 -> 2.43 and
+// equal non-zeros, one per thread; each walks every batch tile and owns its rows' grad_values. The
+// input gradient is scattered into accumulation tiles of the input's layout, written transposed
+// into grad_x at the end: where the batch tiles share out evenly over the threads (every tile costs
+// the same, full or not), each item is a tile and walks all of W's rows into its own accumulation
+// tile; otherwise the items are the row slices, each with its own tiles, summed at the end. By
+// tiles that sum is gone and the accumulation tiles take 1/threads of the bytes. Measured against
+// row slices for both (AMD EPYC Zen 4, 2 threads, 4096x4096, both gradients, the two in one build
+// and process, calls interleaved, fastest of 11): with AVX2 (two tiles from B=64) 6.93 -> 6.82 ms
+// at B=64, 14.4 -> 13.8 at B=128 and 28.9 -> 27.5 at B=256 at 0.9, 1.55 -> 1.33, 2.69 -> 2.43 and
 // 5.45 -> 4.82 at 0.99; with AVX-512 (two tiles from B=128) 16.3 -> 15.2 and 30.1 -> 28.3 at 0.9,
-// 2.07 -> 1.96 and 5.12 -> 4.58 at 0.99, where a first run had read 0.9 at 0.98x and 0.96x and
-// 0.99 at 1.12x both (unchanged paths differed by up to 16 % in that run). 512x4096 gained up to
-// 1.6x at 0.99, 4096x512 ran level. Narrower tiles for the input gradient alone where the batch's
-// tiles do not share out (one tile of 64 on two threads with AVX-512; the output gradient packed
-// again at half the width) were mixed on the same CPU: 0.96-0.98x for 4096x4096 at B=64, 0.80-0.92x
-// for 4096x512, up to 1.8x for 512x4096; not taken.
+// 2.07 -> 1.96 and 5.12 -> 4.58 at 0.99, where a first run had read 0.9 at 0.98x and 0.96x and 0.99
+// at 1.12x both (unchanged paths differed by up to 16 % in that run). 512x4096 gained up to 1.6x at
+// 0.99, 4096x512 ran level. Narrower tiles for the input gradient alone where the batch's tiles do
+// not share out (one tile of 64 on two threads with AVX-512; the output gradient packed again at
+// half the width) were mixed on the same CPU: 0.96-0.98x for 4096x4096 at B=64, 0.80-0.92x for
+// 4096x512, up to 1.8x for 512x4096; not taken.
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                             const at::Tensor& values, const at::Tensor& crow,
                                             const at::Tensor& col, bool need_input, bool need_values,
