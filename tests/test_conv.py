@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actuallysparse import SparseConv2d, SparseLayer, convert, convert_model, functional, stored_bytes
+from actuallysparse import SparseConv2d, SparseLayer, convert, convert_model, functional, kernels, stored_bytes
 from actuallysparse.layers import prune_sparse_model, set_global_k
 from actuallysparse.pruning import achieved_sparsity, prune_to_sparsity
 
@@ -306,6 +306,35 @@ def test_packing_copies_every_image_and_pixel(backend, dtype):
         torch.testing.assert_close(got[0], want[0], **_tolerance(dtype))
         rows, cols = sparse._rows_cols()
         torch.testing.assert_close(got[1], want[1].reshape(4, -1)[rows, cols], **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tile_vectors", [1, 2, 3, 4])
+@pytest.mark.parametrize("height, width", [(2, 2), (3, 5), (5, 5)])
+def test_every_tile_width_and_what_whole_pixel_groups_leave(backend, dtype, tile_vectors, height, width):
+    # the native kernels take batch tiles of one to four vectors (a cache line a row by default,
+    # the others for measuring), and outputs of 4, 15 and 25 pixels leave parts of the groups of
+    # 2 to 16 pixels the kernels hold in registers: the forward, the scattered input gradient and
+    # the one computed as a forward, and the value gradient, against the dense convolution
+    if backend is functional.TORCH_BACKEND:
+        pytest.skip("tile widths are the native kernels' own")
+    dense, sparse = _masked_pair(5, 6, 3, 1, 1, 1, True, dtype=dtype)
+    crow, col = sparse._pattern()
+    values, geometry = sparse.values.detach(), list(sparse.geometry())
+    x = torch.randn(37, 5, height, width, dtype=dtype, requires_grad=True)
+    ops = kernels._ops()
+    out = ops.conv2d(x.detach(), values, sparse.bias.detach(), crow, col, 6, geometry, "", tile_vectors)
+    expected = dense(x)
+    torch.testing.assert_close(out, expected, **_tolerance(dtype))
+    grad = torch.randn_like(out)
+    want_x, want_w = torch.autograd.grad(expected, (x, dense.weight), grad)
+    rows, cols = sparse._rows_cols()
+    transposed = sparse._transposed_pattern()
+    for parts in ((None, None, None), (transposed.crow, transposed.col, transposed.perm)):
+        grad_x, grad_values = ops.conv2d_backward(grad, x.detach(), values, crow, col, geometry, True, True, "",
+                                                  tile_vectors, *parts)
+        torch.testing.assert_close(grad_x, want_x, **_tolerance(dtype))
+        torch.testing.assert_close(grad_values, want_w.reshape(6, -1)[rows, cols], **_tolerance(dtype))
 
 
 def test_coo_and_csr_compute_alike(backend):

@@ -486,14 +486,15 @@ int64_t single_image_block(const ConvGeometry& g, int64_t run_lanes, int64_t ele
   return channels < g.channels ? channels * plane : 0;
 }
 
-// Convolution tiles are whole vectors even for a batch of one (no spmv-like path), at most
-// kConvTileVectors of them (see conv_impl.h for the measurement); `tile_vectors` > 0 overrides
-// that cap, for measuring other widths.
-constexpr int64_t kConvTileVectors = 2;
+// Convolution tiles are whole vectors even for a batch of one (no spmv-like path), as many as
+// make a tile's row kConvTileBytes (one cache line: 16 floats, two AVX2 vectors or one AVX-512
+// vector; see conv_impl.h for the measurements), at least one; `tile_vectors` > 0 overrides that
+// cap, for measuring other widths.
+constexpr int64_t kConvTileBytes = 64;
 
-int64_t conv_tile_width(int64_t batch, int lanes, int64_t tile_vectors) {
+int64_t conv_tile_width(int64_t batch, int lanes, int64_t element_bytes, int64_t tile_vectors) {
   TORCH_CHECK(tile_vectors >= 0 && tile_vectors <= 4, "tile_vectors must be 0 (automatic) to 4, got ", tile_vectors);
-  const int64_t cap = tile_vectors > 0 ? tile_vectors : kConvTileVectors;
+  const int64_t cap = tile_vectors > 0 ? tile_vectors : std::max<int64_t>(1, kConvTileBytes / (lanes * element_bytes));
   return std::min<int64_t>(cap, std::max<int64_t>(1, (batch + lanes - 1) / lanes)) * lanes;
 }
 
@@ -646,7 +647,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const c10::opti
   const bool single = batch == 1 && g.sw == 1 && tile_vectors == 0;
   const std::string& kernel_isa = single ? single_image_isa(isa, g, x.scalar_type()) : isa;
   const int64_t lanes = lane_count(kernel_isa, x.scalar_type());
-  const int64_t tw = single ? 1 : conv_tile_width(batch, lanes, tile_vectors);
+  const int64_t tw = single ? 1 : conv_tile_width(batch, lanes, x.element_size(), tile_vectors);
   // pooled as the forward writes where it can, else after it
   const bool pool_in_kernel = pool && conv_pools_in_kernel(tw, g);
   at::Tensor out = pool_in_kernel ? at::empty({batch, n_rows, g.out_h / 2, g.out_w / 2}, x.options())
@@ -723,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_out, c
               "convolution gives ", gt.out_h, "x", gt.out_w, ", not ", g.height, "x", g.width);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "actuallysparse_conv2d_backward", [&] {
     const KernelTable<scalar_t> table = table_for<scalar_t>(isa);
-    const int64_t tw = conv_tile_width(batch, table.lanes, tile_vectors);
+    const int64_t tw = conv_tile_width(batch, table.lanes, sizeof(scalar_t), tile_vectors);
     // Transposed: one padded packing of grad_out serves both gradients; each output pixel's
     // gradient row then sits at (y + top) * Wp' + x + left of its channel's plane.
     const at::Tensor packed_grad = transposed ? pack_padded<scalar_t>(table, grad_out, tw, gt)

@@ -18,8 +18,14 @@
 // Loop order, measured in one process on VGG11's CIFAR layers (3x3, 64-512 channels, 16x16 to
 // 2x2, B=64, 0.9 sparse; AMD EPYC with AVX2, 2 threads; numbers are sums over the six layers
 // unless said):
-// - batch tiles of two vectors (16 floats): against one vector the forward took 1.4x as long,
-//   against four 1.1x (the input rows a tile reads then outgrow L2);
+// - batch tiles of 16 floats, a cache line a row (two AVX2 vectors, one AVX-512 vector): against
+//   8 floats the forward took 1.4x as long, against 32 floats 1.1x (the input rows a tile reads
+//   then outgrow L2). On an Intel Xeon (L1d 48 KiB, L2 2 MiB; the widths switched call by call in
+//   one process, fastest of 25-30), AVX-512 tiles of one vector against two (32 floats): forward
+//   30.7 against 35.7 ms, both gradients 68.5 against 73.6, the pruned VGG11_bn's SGD step 192
+//   against 205 ms and its folded inference 40.6 against 45.7 (lower quartiles); AVX2 there, two
+//   vectors against four: 32.6 and 79.1 ms against 37.2 and 81.8. At 32 floats an item's partial
+//   sums (256 pixels, see below) take 32 KiB, a Zen 4's whole L1d;
 // - forward: per batch tile, 16 output channels share a buffer of partial sums for 16 output
 //   pixels (flattened over rows), and the input channels are walked in blocks whose rows fit 64 KiB,
 //   PX pixels x NV vectors of accumulators (8 FMA chains) per (channel, block): 38 ms against
@@ -124,6 +130,29 @@ constexpr int kGroupPixels = NV >= 3 ? 2 : 8 / NV;
 template <typename V, int NV>
 constexpr int kForwardPixels = sizeof(typename V::reg) == 64 ? 2 * kGroupPixels<NV> : kGroupPixels<NV>;
 
+// The groups of pixels [p, end) leaves after whole groups of twice G: one of G pixels if they
+// fill it, then the same for G/2, down to 1.
+template <int G, typename F>
+inline void remainder_groups(int64_t p, int64_t end, F& body) {
+  if (p + G <= end) {
+    body(std::integral_constant<int, G>(), p);
+    p += G;
+  }
+  if constexpr (G > 1) remainder_groups<G / 2>(p, end, body);
+}
+
+// body(std::integral_constant<int, G>(), p) for groups of G pixels covering [begin, end): whole
+// groups of PX, then the rest in groups of PX/2, PX/4, ..., 1, each at most once. With one
+// AVX-512 vector a pixel (forward PX = 16, scatter 8), a 2x2 output is one group of four, where
+// four single pixels took 1.5x as long in the forward and 1.1x in the scatter (VGG11's 512->512
+// @2x2 layer, B=64, 0.9, Intel Xeon).
+template <int PX, typename F>
+inline void pixel_groups(int64_t begin, int64_t end, F&& body) {
+  int64_t p = begin;
+  for (; p + PX <= end; p += PX) body(std::integral_constant<int, PX>(), p);
+  if constexpr (PX > 1) remainder_groups<PX / 2>(p, end, body);
+}
+
 // PX pixels of partial sums in registers, NV vectors each, through the non-zeros [begin, end) of
 // one (channel, block) pass.
 template <typename V, int NV, int PX, typename O>
@@ -179,7 +208,6 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, const O* offsets, int64_t
   using T = typename V::T;
   constexpr int W = V::lanes;
   constexpr int TW = NV * W;
-  constexpr int HALF = PX / 2 > 0 ? PX / 2 : 1;
   const T* pack = a.packed + tile * a.in_rows * TW;
   const int64_t b0 = tile * TW;
   const int64_t nb = (a.batch - b0) < TW ? (a.batch - b0) : TW;
@@ -200,15 +228,8 @@ void conv_forward_nv(const ConvArgs<typename V::T>& a, const O* offsets, int64_t
                                    buf[(o - o_begin) * pb + p - p_begin]);
     }
   };
-  for (int64_t block = 0; block < a.n_blocks; ++block) {
-    int64_t p = p_begin;
-    for (; p + PX <= p_end; p += PX) pass(std::integral_constant<int, PX>(), block, p);
-    if (HALF < PX && p + HALF <= p_end) {
-      pass(std::integral_constant<int, HALF>(), block, p);
-      p += HALF;
-    }
-    for (; p < p_end; ++p) pass(std::integral_constant<int, 1>(), block, p);
-  }
+  for (int64_t block = 0; block < a.n_blocks; ++block)
+    pixel_groups<PX>(p_begin, p_end, [&](auto px, int64_t p) { pass(px, block, p); });
   for (int64_t o = o_begin; o < o_end; ++o) {
     const T bias = a.bias ? a.bias[o] : T(0);
     const T* sums = buf[(o - o_begin) * pb];
@@ -363,11 +384,12 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
       const int32_t begin = ptr[0], end = ptr[1];
       if (begin == end) continue;
       const T* g_channel = grad + o * a.grad_rows * TW;
-      int64_t p = 0;
-      for (; p + PX <= pixels; p += PX) {
-        typename V::reg g[PX][NV];
-        T* dst[PX];
-        for (int q = 0; q < PX; ++q) {
+      // G pixels' output gradient in registers while the channel's non-zeros of the block pass
+      const auto group = [&](auto px, int64_t p) {
+        constexpr int G = decltype(px)::value;
+        typename V::reg g[G][NV];
+        T* dst[G];
+        for (int q = 0; q < G; ++q) {
           dst[q] = acc + static_cast<int64_t>(a.pixel_base[p + q]) * TW;
           const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p + q]) * TW;
           for (int v = 0; v < NV; ++v) g[q][v] = V::load(g_pixel + v * W);
@@ -375,24 +397,14 @@ void conv_grad_input_nv(const ConvBackwardArgs<typename V::T>& a, int64_t tile, 
         for (int32_t k = begin; k < end; ++k) {
           const typename V::reg w = V::set1(a.values[k]);
           const int64_t off = static_cast<int64_t>(a.off[k]) * TW;
-          for (int q = 0; q < PX; ++q)
+          for (int q = 0; q < G; ++q)
             for (int v = 0; v < NV; ++v) {
               T* d = dst[q] + off + v * W;
               V::store(d, V::fmadd(w, g[q][v], V::load(d)));
             }
         }
-      }
-      for (; p < pixels; ++p) {
-        typename V::reg g[NV];
-        const T* g_pixel = g_channel + static_cast<int64_t>(a.grad_base[p]) * TW;
-        for (int v = 0; v < NV; ++v) g[v] = V::load(g_pixel + v * W);
-        T* base = acc + static_cast<int64_t>(a.pixel_base[p]) * TW;
-        for (int32_t k = begin; k < end; ++k) {
-          const typename V::reg w = V::set1(a.values[k]);
-          T* d = base + static_cast<int64_t>(a.off[k]) * TW;
-          for (int v = 0; v < NV; ++v) V::store(d + v * W, V::fmadd(w, g[v], V::load(d + v * W)));
-        }
-      }
+      };
+      pixel_groups<PX>(0, pixels, group);
     }
   }
 }
