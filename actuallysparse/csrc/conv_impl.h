@@ -25,7 +25,8 @@
 //   30.7 against 35.7 ms, both gradients 68.5 against 73.6, the pruned VGG11_bn's SGD step 192
 //   against 205 ms and its folded inference 40.6 against 45.7 (lower quartiles); AVX2 there, two
 //   vectors against four: 32.6 and 79.1 ms against 37.2 and 81.8. At 32 floats an item's partial
-//   sums (256 pixels, see below) take 32 KiB, a Zen 4's whole L1d;
+//   sums (16 channels of 16 pixels, see below) take 32 KiB, a Zen 4's whole L1d, which may make
+//   the narrower tile win there too (not measured on a Zen 4);
 // - forward: per batch tile, 16 output channels share a buffer of partial sums for 16 output
 //   pixels (flattened over rows), and the input channels are walked in blocks whose rows fit 64 KiB,
 //   PX pixels x NV vectors of accumulators (8 FMA chains) per (channel, block): 38 ms against
@@ -63,6 +64,14 @@
 //   the value gradient take about 2.3 ms of its 25 (the six layers with one non-zero each); a
 //   kept copy would save the input's part of that at the cost of one more input-sized tensor
 //   held from forward to backward. Not done.
+// Also tried and dropped on an Intel Xeon (AVX-512, L2 2 MiB; same method, fastest of 20-30):
+// - 32-float tiles kept where a layer's packed input tile fits half of L2 (the small layers of a
+//   quarter-width VGG11, where one run had read 32 floats 5 % faster): level with 16 floats
+//   everywhere, both at width 0.25 (5.65/9.90 against 5.49/9.99 ms, forward/both gradients) and
+//   at width 1 (29.5/66.8 against 30.1/66.3).
+// - the value gradient with one vector a pixel taking two pixels a step, one accumulator each
+//   (eight FMA chains instead of four): level (79.5 ms with it, 79.1 without); it is bound by
+//   reading the input rows, not by the chains.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -130,8 +139,8 @@ constexpr int kGroupPixels = NV >= 3 ? 2 : 8 / NV;
 template <typename V, int NV>
 constexpr int kForwardPixels = sizeof(typename V::reg) == 64 ? 2 * kGroupPixels<NV> : kGroupPixels<NV>;
 
-// The groups of pixels [p, end) leaves after whole groups of twice G: one of G pixels if they
-// fill it, then the same for G/2, down to 1.
+// The fewer than 2G pixels [p, end) that whole groups of 2G left: a group of G if they fill it,
+// then likewise of G/2, down to 1.
 template <int G, typename F>
 inline void remainder_groups(int64_t p, int64_t end, F& body) {
   if (p + G <= end) {
@@ -144,8 +153,8 @@ inline void remainder_groups(int64_t p, int64_t end, F& body) {
 // body(std::integral_constant<int, G>(), p) for groups of G pixels covering [begin, end): whole
 // groups of PX, then the rest in groups of PX/2, PX/4, ..., 1, each at most once. With one
 // AVX-512 vector a pixel (forward PX = 16, scatter 8), a 2x2 output is one group of four, where
-// four single pixels took 1.5x as long in the forward and 1.1x in the scatter (VGG11's 512->512
-// @2x2 layer, B=64, 0.9, Intel Xeon).
+// four single pixels took the forward 1.5x as long and the backward (scatter and value gradient)
+// 1.1x (VGG11's 512->512 @2x2 layer, B=64, 0.9, Intel Xeon).
 template <int PX, typename F>
 inline void pixel_groups(int64_t begin, int64_t end, F&& body) {
   int64_t p = begin;
