@@ -139,27 +139,17 @@ constexpr int kGroupPixels = NV >= 3 ? 2 : 8 / NV;
 template <typename V, int NV>
 constexpr int kForwardPixels = sizeof(typename V::reg) == 64 ? 2 * kGroupPixels<NV> : kGroupPixels<NV>;
 
-// The fewer than 2G pixels [p, end) that whole groups of 2G left: a group of G if they fill it,
-// then likewise of G/2, down to 1.
-template <int G, typename F>
-inline void remainder_groups(int64_t p, int64_t end, F& body) {
-  if (p + G <= end) {
-    body(std::integral_constant<int, G>(), p);
-    p += G;
-  }
-  if constexpr (G > 1) remainder_groups<G / 2>(p, end, body);
-}
-
 // body(std::integral_constant<int, G>(), p) for groups of G pixels covering [begin, end): whole
-// groups of PX, then the rest in groups of PX/2, PX/4, ..., 1, each at most once. With one
-// AVX-512 vector a pixel (forward PX = 16, scatter 8), a 2x2 output is one group of four, where
-// four single pixels took the forward 1.5x as long and the backward (scatter and value gradient)
-// 1.1x (VGG11's 512->512 @2x2 layer, B=64, 0.9, Intel Xeon).
+// groups of PX, then the rest in groups of PX/2, PX/4, ..., 1 (each at most once: fewer than
+// twice the group are left by then). With one AVX-512 vector a pixel (forward PX = 16, scatter
+// 8), a 2x2 output is one group of four, where four single pixels took the forward 1.5x as long
+// and the backward (scatter and value gradient) 1.1x (VGG11's 512->512 @2x2 layer, B=64, 0.9,
+// Intel Xeon).
 template <int PX, typename F>
 inline void pixel_groups(int64_t begin, int64_t end, F&& body) {
   int64_t p = begin;
   for (; p + PX <= end; p += PX) body(std::integral_constant<int, PX>(), p);
-  if constexpr (PX > 1) remainder_groups<PX / 2>(p, end, body);
+  if constexpr (PX > 1) pixel_groups<PX / 2>(p, end, body);
 }
 
 // PX pixels of partial sums in registers, NV vectors each, through the non-zeros [begin, end) of
